@@ -1,0 +1,288 @@
+"""Tests of grpo_min/loss.py: hand-worked values and gradients, then TRL's own numbers (goldens).
+
+Runs with torch only; the TRL goldens come from tests/golden/trl_grpo_loss.json, written by
+scripts/make_trl_golden.py in a separate venv.
+"""
+
+import doctest
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo_min.loss
+from grpo_min.loss import group_advantages, grpo_loss
+
+GOLDEN = Path(__file__).parent / "golden" / "trl_grpo_loss.json"
+F64 = torch.float64
+
+
+def close(actual, expected, atol=1e-12):
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=F64), torch.as_tensor(expected, dtype=F64),
+                               rtol=0, atol=atol)
+
+
+# The hand-worked example. Two completions (B=2), T=4, epsilon=0.2, logps all -1, old_logps chosen to
+# give the ratios below. Per-token loss l = -min(rho*A, clip(rho, 0.8, 1.2)*A), and dl/dlogp = -A*rho on
+# the unclipped branch, 0 on the clipped one.
+#   row 0, A=+1, mask 1 1 1 0:  rho 1.0 -> l -1.0 (grad -1);   rho 1.5 -> clipped at 1.2: l -1.2 (grad 0);
+#                               rho 0.5 -> min(0.5, 0.8) = 0.5 unclipped: l -0.5 (grad -0.5); padding.
+#   row 1, A=-2, mask 1 1 1 1:  rho 1.1 -> l 2.2 (grad 2.2);   rho 0.5 -> min(-1, -1.6): clipped, l 1.6
+#                               (grad 0);  rho 1.5 -> min(-3, -2.4) = -3 unclipped: l 3 (grad 3);
+#                               rho 1.0 -> l 2 (grad 2).
+# Sums: row 0 -2.7 over 3 tokens, row 1 8.8 over 4 tokens; 7 tokens, total 6.1.
+#   grpo    = mean(-2.7/3, 8.8/4) = mean(-0.9, 2.2) = 0.65; grads: row 0 / (3*2), row 1 / (4*2)
+#   bnpo    = 6.1 / 7;                                    grads / 7
+#   dr_grpo = 6.1 / (2*4) = 0.7625 (max_completion_length=None means T=4); with 10: 6.1 / 20 = 0.305
+#   dapo    = 6.1 / 7 (num_items_in_batch=None means mask.sum()); with 61 items: 0.1
+# Stats: clip_low 1/7 (row 1, rho 0.5), clip_high 1/7 (row 0, rho 1.5), clip_fraction 2/7.
+RATIOS = [[1.0, 1.5, 0.5, 1.0], [1.1, 0.5, 1.5, 1.0]]
+MASK = [[1, 1, 1, 0], [1, 1, 1, 1]]
+ADVANTAGES = [1.0, -2.0]
+RAW_GRAD = torch.tensor([[-1.0, 0.0, -0.5, 0.0], [2.2, 0.0, 3.0, 2.0]], dtype=F64)  # dl/dlogp per token
+
+
+def hand_inputs():
+    logps = torch.full((2, 4), -1.0, dtype=F64, requires_grad=True)
+    old_logps = -1.0 - torch.tensor(RATIOS, dtype=F64).log()
+    return logps, old_logps, torch.tensor(ADVANTAGES, dtype=F64), torch.tensor(MASK, dtype=F64)
+
+
+def loss_and_grad(logps, *args, **kwargs):
+    loss, stats = grpo_loss(logps, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, logps)
+    return loss, grad, stats
+
+
+@pytest.mark.parametrize("loss_type, kwargs, expected_loss, grad_scale", [
+    ("grpo", {}, 0.65, torch.tensor([[1 / 6], [1 / 8]], dtype=F64)),
+    ("bnpo", {}, 6.1 / 7, 1 / 7),
+    ("dr_grpo", {}, 0.7625, 1 / 8),
+    ("dr_grpo", {"max_completion_length": 10}, 0.305, 1 / 20),
+    ("dapo", {}, 6.1 / 7, 1 / 7),
+    ("dapo", {"num_items_in_batch": 61}, 0.1, 1 / 61),
+    ("dapo", {"num_items_in_batch": torch.tensor(61.0)}, 0.1, 1 / 61),
+])
+def test_hand_example(loss_type, kwargs, expected_loss, grad_scale):
+    loss, grad, stats = loss_and_grad(*hand_inputs(), loss_type=loss_type, **kwargs)
+    close(loss, expected_loss)
+    close(grad, RAW_GRAD * grad_scale)
+    assert stats == pytest.approx({"kl": 0.0, "clip_low": 1 / 7, "clip_high": 1 / 7, "clip_fraction": 2 / 7})
+    assert all(type(value) is float for value in stats.values())
+
+
+def one_token(ratio, advantage, **kwargs):
+    """Loss, d loss / d logp and stats of a single token (B=T=1, bnpo: normaliser 1)."""
+    logps = torch.zeros(1, 1, dtype=F64, requires_grad=True)
+    old_logps = -torch.tensor([[math.log(ratio)]], dtype=F64)
+    return loss_and_grad(logps, old_logps, torch.tensor([advantage], dtype=F64), torch.ones(1, 1),
+                         loss_type="bnpo", **kwargs)
+
+
+@pytest.mark.parametrize("ratio, advantage, clipped", [
+    (1.5, 2.0, True),     # positive A above 1 + eps: clipped, no gradient
+    (0.5, -2.0, True),    # negative A below 1 - eps: clipped, no gradient
+    (0.5, 2.0, False),    # positive A below 1 - eps: the unclipped branch is the min
+    (1.5, -2.0, False),   # negative A above 1 + eps: the unclipped branch is the min
+    (1.1, 2.0, False),    # inside the range
+    (0.9, -2.0, False),
+])
+def test_clipping_gradient(ratio, advantage, clipped):
+    loss, grad, stats = one_token(ratio, advantage)
+    clipped_ratio = min(max(ratio, 0.8), 1.2)
+    close(loss, -min(ratio * advantage, clipped_ratio * advantage))
+    close(grad, [[0.0 if clipped else -advantage * ratio]])
+    assert stats["clip_fraction"] == (1.0 if clipped else 0.0)
+    assert stats["clip_high" if advantage > 0 else "clip_low"] == stats["clip_fraction"]
+
+
+def test_epsilon_high_is_asymmetric():
+    # ratio 1.25 with A > 0: clipped with epsilon_high = epsilon = 0.2, free with epsilon_high = 0.28
+    assert one_token(1.25, 1.0)[1].item() == 0.0
+    close(one_token(1.25, 1.0, epsilon_high=0.28)[1], [[-1.25]])
+    close(one_token(1.25, 1.0, epsilon_high=0.28)[0], -1.25)
+    # the low side still uses epsilon: 0.75 < 0.8 with A < 0 is clipped, at 1 - 0.2
+    loss, grad, _ = one_token(0.75, -1.0, epsilon_high=0.28)
+    close(loss, 0.8)
+    assert grad.item() == 0.0
+
+
+def test_kl_term():
+    # A = 0, ratio 1: only beta * KL is left. ref - logp = ln 2: KL = 2 - ln 2 - 1 = 1 - ln 2, and
+    # dKL/dlogp = 1 - exp(ref - logp) = -1.
+    logps = torch.full((1, 1), -1.0, dtype=F64, requires_grad=True)
+    ref = logps.detach() + math.log(2.0)
+    loss, grad, stats = loss_and_grad(logps, logps.detach(), torch.zeros(1, dtype=F64), torch.ones(1, 1),
+                                      ref_logps=ref, beta=0.1, loss_type="bnpo")
+    close(loss, 0.1 * (1 - math.log(2.0)))
+    close(grad, [[-0.1]])
+    close(stats["kl"], 1 - math.log(2.0))
+    # ref == logp: KL 0 and no KL gradient
+    loss, grad, stats = loss_and_grad(logps, logps.detach(), torch.zeros(1, dtype=F64), torch.ones(1, 1),
+                                      ref_logps=logps.detach(), beta=0.1, loss_type="bnpo")
+    assert loss.item() == 0.0 and grad.item() == 0.0 and stats["kl"] == 0.0
+
+
+def test_kl_adds_to_the_hand_example():
+    logps, old_logps, advantages, mask = hand_inputs()
+    ref = logps.detach() + math.log(2.0)  # every token: KL 1 - ln 2, dKL/dlogp -1
+    loss, grad, stats = loss_and_grad(logps, old_logps, advantages, mask, ref_logps=ref, beta=0.04,
+                                      loss_type="bnpo")
+    close(loss, 6.1 / 7 + 0.04 * (1 - math.log(2.0)))
+    close(grad, (RAW_GRAD - 0.04 * mask) / 7)
+    close(stats["kl"], 1 - math.log(2.0))
+
+
+def test_beta_zero_ignores_ref():
+    logps, old_logps, advantages, mask = hand_inputs()
+    without = grpo_loss(logps, old_logps, advantages, mask)
+    with_ref = grpo_loss(logps, old_logps, advantages, mask, ref_logps=logps.detach() + 5.0, beta=0.0)
+    assert torch.equal(without[0], with_ref[0]) and with_ref[1]["kl"] == 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_masked_tokens_have_no_effect(loss_type):
+    logps, old_logps, advantages, mask = hand_inputs()
+    ref = logps.detach() - 0.3
+    base = loss_and_grad(logps, old_logps, advantages, mask, ref_logps=ref, beta=0.04, loss_type=loss_type)
+    wild_logps = logps.detach().clone()
+    wild_old, wild_ref = old_logps.clone(), ref.clone()
+    wild_logps[0, 3], wild_old[0, 3], wild_ref[0, 3] = 30.0, -30.0, -25.0  # row 0, token 3 is padding
+    wild_logps.requires_grad_(True)
+    wild = loss_and_grad(wild_logps, wild_old, advantages, mask, ref_logps=wild_ref, beta=0.04,
+                         loss_type=loss_type)
+    assert torch.equal(base[0], wild[0]) and torch.equal(base[1], wild[1]) and base[2] == wild[2]
+    assert wild[1][0, 3].item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.float32])
+def test_mask_dtypes(dtype):
+    logps, old_logps, advantages, mask = hand_inputs()
+    loss, _ = grpo_loss(logps, old_logps, advantages, mask.to(dtype))
+    close(loss, 0.65)
+
+
+def test_empty_sequence_is_guarded():
+    # a third completion with no tokens: it counts as a sequence with loss 0, and nothing is NaN
+    logps = torch.full((3, 4), -1.0, dtype=F64, requires_grad=True)
+    old_logps = torch.cat([hand_inputs()[1], torch.full((1, 4), -1.0, dtype=F64)])
+    mask = torch.tensor(MASK + [[0, 0, 0, 0]], dtype=F64)
+    advantages = torch.tensor(ADVANTAGES + [0.5], dtype=F64)
+    loss, grad, _ = loss_and_grad(logps, old_logps, advantages, mask, loss_type="grpo")
+    close(loss, (-0.9 + 2.2 + 0.0) / 3)
+    assert torch.isfinite(grad).all() and (grad[2] == 0).all()
+    for loss_type in ("bnpo", "dapo"):  # nothing but padding: loss 0, not NaN
+        loss, _ = grpo_loss(logps, old_logps, advantages, torch.zeros(3, 4), loss_type=loss_type)
+        assert loss.item() == 0.0
+
+
+def test_loss_bad_arguments():
+    logps, old_logps, advantages, mask = hand_inputs()
+    with pytest.raises(ValueError, match="grpo.*bnpo.*dr_grpo.*dapo"):
+        grpo_loss(logps, old_logps, advantages, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="ref_logps"):
+        grpo_loss(logps, old_logps, advantages, mask, beta=0.04)
+    with pytest.raises(ValueError, match="beta"):
+        grpo_loss(logps, old_logps, advantages, mask, ref_logps=logps.detach(), beta=-0.1)
+
+
+# Advantages by hand: rewards [1, 2, 3 | 0, 0, 4], G = 3. Group means 2 and 4/3.
+#   none:  [-1, 0, 1, -4/3, -4/3, 8/3]
+#   group: unbiased stds 1 (squares 1+0+1 over 2) and 4/sqrt(3) (squares 16/9+16/9+64/9 = 32/3, over 2)
+#   batch: the batch mean is 5/3, squares 4/9+1/9+16/9+25/9+25/9+49/9 = 40/3, over 5: std sqrt(8/3)
+HAND_REWARDS = [1.0, 2.0, 3.0, 0.0, 0.0, 4.0]
+HAND_CENTRED = torch.tensor([-1.0, 0.0, 1.0, -4 / 3, -4 / 3, 8 / 3], dtype=F64)
+
+
+@pytest.mark.parametrize("scale, divisor", [
+    ("none", torch.ones(6, dtype=F64)),
+    ("group", torch.tensor([1.0] * 3 + [4 / math.sqrt(3)] * 3, dtype=F64) + 1e-4),
+    ("batch", torch.full((6,), math.sqrt(8 / 3), dtype=F64) + 1e-4),
+])
+def test_advantages_by_hand(scale, divisor):
+    close(group_advantages(torch.tensor(HAND_REWARDS, dtype=F64), 3, scale=scale), HAND_CENTRED / divisor)
+
+
+def test_advantages_use_bessel():
+    # [0, 2]: unbiased std sqrt(2) (population std would be 1)
+    close(group_advantages(torch.tensor([0.0, 2.0], dtype=F64), 2), [-1 / (math.sqrt(2) + 1e-4),
+                                                                    1 / (math.sqrt(2) + 1e-4)])
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_constant_groups_are_exactly_zero(scale):
+    # mean of three 0.1s is not exactly 0.1 in floating point; the group must still give exact zeros
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.0, 1.0, 0.5], dtype=F64)
+    advantages = group_advantages(rewards, 3, scale=scale)
+    assert torch.equal(advantages[:3], torch.zeros(3, dtype=F64)) and torch.isfinite(advantages).all()
+    assert torch.equal(group_advantages(torch.full((6,), 0.7), 3, scale=scale), torch.zeros(6))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_groups_of_one(scale):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "degrees of freedom" warning from a std of one value
+        assert torch.equal(group_advantages(torch.tensor([0.3, 1.0, 2.0]), 1, scale=scale), torch.zeros(3))
+        assert torch.equal(group_advantages(torch.tensor([0.3]), 1, scale=scale), torch.zeros(1))
+
+
+def test_advantages_bad_arguments():
+    with pytest.raises(ValueError, match="group.*batch.*none"):
+        group_advantages(torch.zeros(6), 3, scale="std")
+    with pytest.raises(ValueError, match="divisible"):
+        group_advantages(torch.zeros(5), 3)
+    with pytest.raises(ValueError, match="divisible"):
+        group_advantages(torch.zeros(6), 0)
+    with pytest.raises(ValueError, match="1-D"):
+        group_advantages(torch.zeros(2, 3), 3)
+
+
+def test_docstring_examples():
+    assert doctest.testmod(grpo_min.loss).failed == 0
+
+
+# TRL's numbers: see scripts/make_trl_golden.py for the settings under which TRL computes METHOD.md's loss.
+with GOLDEN.open() as f:
+    TRL = json.load(f)
+
+
+def test_golden_settings():
+    assert TRL["trl_version"] == "1.16.0" and TRL["dtype"] == "float64"
+    settings = TRL["trl_settings"]
+    assert settings["importance_sampling_level"] == "token" and settings["use_bias_correction_kl"] is False
+
+
+@pytest.mark.parametrize("case", TRL["loss_cases"],
+                         ids=lambda c: f"{c['loss_type']}-beta{c['beta']}-eps_high{c['epsilon_high']}")
+def test_loss_matches_trl(case):
+    inputs, settings = TRL["inputs"], TRL["trl_settings"]
+    logps = torch.tensor(inputs["logps"], dtype=F64, requires_grad=True)
+    loss, grad, stats = loss_and_grad(
+        logps, torch.tensor(inputs["old_logps"], dtype=F64), torch.tensor(inputs["advantages"], dtype=F64),
+        torch.tensor(inputs["mask"], dtype=F64), ref_logps=torch.tensor(inputs["ref_logps"], dtype=F64),
+        beta=case["beta"], epsilon=case["epsilon"], epsilon_high=case["epsilon_high"],
+        loss_type=case["loss_type"], max_completion_length=settings["max_completion_length"],
+        num_items_in_batch=settings["num_items_in_batch"])
+    close(loss, case["loss"], atol=1e-6)
+    close(grad, case["grad"], atol=1e-6)
+    metrics = case["trl_metrics"]
+    assert stats["clip_low"] == pytest.approx(metrics["clip_ratio/low_mean"], abs=1e-6)
+    assert stats["clip_high"] == pytest.approx(metrics["clip_ratio/high_mean"], abs=1e-6)
+    assert stats["clip_fraction"] == pytest.approx(metrics["clip_ratio/region_mean"], abs=1e-6)
+    assert stats["kl"] == pytest.approx(metrics.get("kl", 0.0), abs=1e-6)
+
+
+def test_golden_inputs_exercise_clipping():
+    metrics = [case["trl_metrics"] for case in TRL["loss_cases"]]
+    assert all(m["clip_ratio/low_mean"] > 0 and m["clip_ratio/high_mean"] > 0 for m in metrics)
+
+
+@pytest.mark.parametrize("case", TRL["advantage_cases"],
+                         ids=lambda c: f"{c['scale']}-G{c['group_size']}-{c['rewards'][0]:.2f}")
+def test_advantages_match_trl(case):
+    # atol: TRL's nanstd computes Bessel's n/(n-1) in float32, a ~3e-8 relative difference for "batch"
+    advantages = group_advantages(torch.tensor(case["rewards"], dtype=F64), case["group_size"], case["scale"])
+    close(advantages, case["advantages"], atol=1e-6)
