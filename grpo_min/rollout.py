@@ -1,0 +1,147 @@
+"""Rollouts: encode prompts, sample G completions per prompt, and score completion tokens.
+
+Two model passes matter in GRPO and both live here:
+
+* ``generate_completions``: sample a group of G completions for each of B prompts (HF ``generate``
+  with ``num_return_sequences=G``; it runs the vision tower once per prompt).
+* ``completion_logps``: per-token log-probabilities of the completion tokens under a model, the
+  quantity that the loss, the old policy and the reference policy all need.
+
+Shapes: B prompts, G completions each, P prompt tokens (left-padded), T completion tokens
+(right-padded). Rows of every (B*G, ...) tensor hold each prompt's G completions adjacently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from grpo_min.prompts import render_prompt
+
+
+@dataclass
+class PromptBatch:
+    """B encoded prompts plus what is needed to map boxes between frames."""
+
+    inputs: dict  # processor output: input_ids (B, P), attention_mask, pixel_values, image_grid_thw, ...
+    resized_sizes: list[tuple[int, int]]  # (width, height) of each image after the processor's resize
+
+
+@dataclass
+class Rollout:
+    """A group of G sampled completions for each of B prompts."""
+
+    prompts: PromptBatch
+    completion_ids: torch.Tensor  # (B*G, T) long, padded after the first EOS
+    completion_mask: torch.Tensor  # (B*G, T) float, 1 up to and including the first EOS
+    texts: list[str]  # B*G decoded completions
+    group_size: int
+
+
+def special_token_ids(processor) -> dict:
+    """EOS ids (the chat turn end and end-of-text), the pad id, and ids generation must never emit."""
+    tok = processor.tokenizer
+    ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i is not None and i != tok.unk_token_id]
+    eos = ids(["<|im_end|>", "<|endoftext|>"])
+    # A weak or random policy can sample an image/video placeholder; the next forward would then
+    # fail ("Image features and image tokens do not match"), so they are masked out, both when
+    # sampling and when scoring, which keeps the scored distribution equal to the sampled one.
+    never = ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[-1]
+    return {"eos": eos, "pad": pad, "never": never}
+
+
+def encode_prompts(processor, images, phrases, template: str, device=None) -> PromptBatch:
+    """Render and tokenize B prompts (left padding, so that generation continues every row)."""
+    texts = [render_prompt(processor, p, template) for p in phrases]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
+    patch = processor.image_processor.patch_size
+    sizes = [(int(w) * patch, int(h) * patch) for _, h, w in inputs["image_grid_thw"].tolist()]
+    inputs = {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in inputs.items()}
+    return PromptBatch(inputs=inputs, resized_sizes=sizes)
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 for every token up to and including the first EOS, 0 after it.
+
+    >>> completion_mask_from_ids(torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8]]), eos_ids=[2])
+    tensor([[1., 1., 0., 0.],
+            [1., 1., 1., 1.]])
+    """
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))  # (N, T)
+    eos_seen_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # (N, T) True strictly after the 1st EOS
+    return (~eos_seen_before).float()
+
+
+@torch.no_grad()
+def generate_completions(model, processor, prompts: PromptBatch, *, num_generations: int, max_new_tokens: int,
+                         temperature: float = 1.0, greedy: bool = False, synced_gpus: bool = False) -> Rollout:
+    """Sample ``num_generations`` completions for each prompt (pure sampling: no top-k, no top-p)."""
+    ids = special_token_ids(processor)
+    config = GenerationConfig(
+        do_sample=not greedy, temperature=temperature if not greedy else None, top_k=None, top_p=None,
+        max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
+        eos_token_id=ids["eos"], pad_token_id=ids["pad"], suppress_tokens=ids["never"],
+    )
+    was_training = model.training
+    model.eval()
+    out = model.generate(**prompts.inputs, generation_config=config, synced_gpus=synced_gpus)  # (B*G, P+T)
+    model.train(was_training)
+    completion_ids = out[:, prompts.inputs["input_ids"].shape[1]:]  # (B*G, T)
+    mask = completion_mask_from_ids(completion_ids, ids["eos"])  # (B*G, T)
+    completion_ids = completion_ids.masked_fill(mask == 0, ids["pad"])
+    texts = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollout(prompts, completion_ids, mask, texts, num_generations)
+
+
+def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                     *, group_size: int, temperature: float = 1.0, never_ids: list[int] | None = None,
+                     encode_image_once: bool = True) -> torch.Tensor:
+    """Log-probabilities (B*G, T) of each completion token under ``model``, from logits / temperature.
+
+    The plain path feeds ``pixel_values`` repeated G times, so the vision tower encodes each image
+    G times. The fast path (``encode_image_once``) encodes each of the B images once and hands the
+    features, repeated G times, to the language model (``mm_encoder_outputs``); the numbers are the
+    same and the vision cost drops G-fold. Gradients flow into the vision tower either way.
+    """
+    inputs = prompts.inputs
+    rep = lambda t: t.repeat_interleave(group_size, dim=0)
+    T = completion_ids.shape[1]
+    input_ids = torch.cat([rep(inputs["input_ids"]), completion_ids], dim=1)  # (B*G, P+T)
+    attention_mask = torch.cat([rep(inputs["attention_mask"]), completion_mask.long()], dim=1)  # (B*G, P+T)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, image_grid_thw=rep(inputs["image_grid_thw"]),
+                  logits_to_keep=T + 1, use_cache=False)
+    if "mm_token_type_ids" in inputs:  # without it M-RoPE silently falls back to 1-D positions
+        kwargs["mm_token_type_ids"] = torch.cat(
+            [rep(inputs["mm_token_type_ids"]), torch.zeros_like(completion_ids)], dim=1)  # (B*G, P+T)
+    if encode_image_once:
+        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        per_image = features.pooler_output  # B tensors of (visual tokens, hidden)
+        repeated = tuple(f for f in per_image for _ in range(group_size))  # B*G, each image G times
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=repeated)}
+    else:
+        counts = (inputs["image_grid_thw"].prod(-1)).tolist()  # patches per image
+        per_image = torch.split(inputs["pixel_values"], counts)
+        kwargs["pixel_values"] = torch.cat([p for p in per_image for _ in range(group_size)])
+    logits = model(**kwargs).logits[:, :-1, :]  # (B*G, T, V): position t predicts completion token t
+    return token_logps(logits, completion_ids, temperature, never_ids)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                never_ids: list[int] | None = None, chunk: int = 8) -> torch.Tensor:
+    """log softmax(logits / temperature)[target], in float32, a few rows at a time.
+
+    Done in row chunks so that the float32 copy of a (rows, T, vocabulary) block stays small: with
+    Qwen's 151k vocabulary a full-batch float32 log_softmax is the usual memory peak.
+    """
+    out = []
+    for lg, tg in zip(logits.split(chunk), targets.split(chunk)):
+        lg = lg.float() / temperature  # (c, T, V)
+        if never_ids:
+            lg = lg.index_fill(-1, torch.tensor(never_ids, device=lg.device), float("-inf"))
+        picked = lg.gather(-1, tg.unsqueeze(-1)).squeeze(-1)  # (c, T)
+        out.append(picked - torch.logsumexp(lg, dim=-1))  # (c, T)
+    return torch.cat(out)  # (B*G, T)

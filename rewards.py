@@ -1,0 +1,111 @@
+"""How a completion is judged: format, spatial and (optionally) semantic rewards.
+
+MedGround-R1 sums three terms, ``r = R_format + R_spatial + R_semantic`` (METHOD.md, "Rewards"). Here
+each term is a pure function of (completion text, target); a term that needs a model (the semantic
+one) receives a scorer object. Everything that can go wrong in a completion gives that term 0 and is
+counted, never raised: a reward must not be able to kill a training run.
+
+    >>> t = Target(box=(10, 10, 50, 50), orig_size=(100, 100), resized_size=(100, 100))
+    >>> format_reward('<think>a</think><answer>{"bbox_2d": [10, 12, 50, 50]}</answer>')
+    1.0
+    >>> spatial_reward('<answer>[10, 12, 50, 50]</answer>', t), spatial_reward('<answer>[0,0,9,9]</answer>', t)
+    (1.0, 0.0)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from grpo_min.boxes import Box, answer_has_format, iou, parse_answer, to_model_frame
+
+
+@dataclass
+class Target:
+    """What a completion is judged against. ``box`` is the truth in ORIGINAL image pixels."""
+
+    box: Box
+    orig_size: tuple[int, int]  # (width, height) of the original image
+    resized_size: tuple[int, int]  # (width, height) after the processor's resize
+    frame: str = "absolute"  # the model family's box frame (grpo_min.models.BOX_FRAMES)
+    phrase: str = ""
+    image: object = None  # the original PIL image (the semantic reward crops it)
+
+    @property
+    def model_box(self) -> Box:
+        """The truth in the model's frame: what the completion's numbers are compared with."""
+        return to_model_frame(self.box, self.orig_size, self.resized_size, self.frame)
+
+
+def format_reward(completion: str, target: Target | None = None) -> float:
+    """1 if ``<think>...</think><answer>...</answer>`` and the answer holds a box, else 0."""
+    return 1.0 if answer_has_format(completion) else 0.0
+
+
+def completion_iou(completion: str, target: Target) -> float:
+    """IoU of the answer's box with the truth, both in the model's frame; 0 if there is no box."""
+    return iou(parse_answer(completion), target.model_box)
+
+
+def spatial_reward(completion: str, target: Target, kind: str = "hard") -> float:
+    """``hard``: 1 if IoU > 0.5 else 0 (MedGround-R1's released code); ``iou``: the IoU itself (VLM-R1)."""
+    value = completion_iou(completion, target)
+    if kind == "hard":
+        return 1.0 if value > 0.5 else 0.0
+    if kind == "iou":
+        return value
+    raise ValueError(f"spatial reward kind {kind!r}: expected 'hard' or 'iou'")
+
+
+@dataclass
+class RewardConfig:
+    """Which terms, with which weights. A weight of 0 turns a term off."""
+
+    format_weight: float = 1.0
+    spatial_weight: float = 1.0
+    spatial_kind: str = "hard"
+    semantic_weight: float = 0.0
+    semantic_on: str = "all"  # "all" format-valid completions, or only "negatives" (IoU <= 0.5)
+
+
+@dataclass
+class Scores:
+    """Rewards of N completions: the weighted total and each term (unweighted), all (N,)."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    ious: list[float]
+    parse_failures: int = 0  # completions with no readable box
+    errors: int = 0  # reward evaluations that raised (scored 0)
+    details: dict = field(default_factory=dict)
+
+
+def score_completions(completions: list[str], targets: list[Target], config: RewardConfig,
+                      semantic_scorer=None) -> Scores:
+    """Score N completions against their N targets (one target per completion)."""
+    n = len(completions)
+    fmt, spatial, ious = torch.zeros(n), torch.zeros(n), [0.0] * n
+    parse_failures = errors = 0
+    for i, (text, target) in enumerate(zip(completions, targets)):
+        try:
+            if parse_answer(text) is None:
+                parse_failures += 1
+                continue
+            fmt[i] = format_reward(text, target)
+            ious[i] = completion_iou(text, target)
+            spatial[i] = spatial_reward(text, target, config.spatial_kind)
+        except Exception:  # a reward must never kill the run: score 0, count it
+            errors += 1
+            fmt[i] = spatial[i] = 0.0
+            ious[i] = 0.0
+    terms = {"format": fmt, "spatial": spatial}
+    total = config.format_weight * fmt + config.spatial_weight * spatial
+    details = {}
+    if config.semantic_weight and semantic_scorer is not None:
+        eligible = [f > 0 and (config.semantic_on == "all" or ious[i] <= 0.5) for i, f in enumerate(fmt.tolist())]
+        semantic, sem_details = semantic_scorer.score(completions, targets, eligible)
+        terms["semantic"] = semantic
+        total = total + config.semantic_weight * semantic
+        details.update(sem_details)
+    return Scores(total=total, terms=terms, ious=ious, parse_failures=parse_failures, errors=errors,
+                  details=details)

@@ -1,0 +1,290 @@
+"""GRPO for visual grounding (MedGround-R1), in plain PyTorch.
+
+One step: sample G completions per prompt -> score them -> group advantages -> clipped loss (+ KL to
+the frozen reference) -> update -> log. Run ``python train.py`` for the offline demo (tiny model,
+synthetic chest X-rays), ``python train.py --help`` for every option, or on GPUs:
+
+    torchrun --nproc_per_node=8 train.py --dataset medrpg --data-root DIR --model /ckpt/Qwen2.5-VL-3B-Instruct
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import rewards as R
+from data import DATASETS, load_dataset
+from evaluate import metrics_of, predict
+from grpo_min import dist
+from grpo_min.loss import group_advantages, grpo_loss
+from grpo_min.models import load_model, load_reference, resolve_dtype, resolve_model_path
+from grpo_min.prompts import load_template
+from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids
+
+
+def opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # --- what to train ---
+    model: str = opt("tiny", "model folder (Qwen2.5-VL / Qwen2-VL save_pretrained), or 'tiny' for the demo model")
+    dataset: str = opt("synthetic", "dataset name", choices=DATASETS)
+    data_root: str | None = opt(None, "dataset folder (real datasets)")
+    image_root: str | None = opt(None, "image folder (default: --data-root)")
+    template: str = opt("chain-of-box", "prompt: chain-of-box, plain, or a text file with a {question} slot")
+    output_dir: str = opt("runs/grpo", "where metrics.jsonl, checkpoints and the final model go")
+    # --- GRPO (names as in TRL's GRPOConfig) ---
+    num_generations: int = opt(8, "G: completions sampled per prompt")
+    batch_size: int = opt(1, "prompts per process per micro-batch")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer update")
+    max_completion_length: int = opt(256, "longest completion sampled, in tokens")
+    temperature: float = opt(1.0, "sampling temperature (log-probs use the same)")
+    beta: float = opt(0.04, "weight of the k3 KL to the frozen reference; 0 loads no reference")
+    epsilon: float = opt(0.2, "clip range: ratio clipped to [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float | None = opt(None, "upper clip range (DAPO's clip-higher); default: --epsilon")
+    loss_type: str = opt("grpo", "token aggregation", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    scale_rewards: str = opt("group", "advantage scaling: group std, batch std or none", choices=("group", "batch", "none"))
+    num_iterations: int = opt(1, "mu: updates per rollout (old log-probs from a forward after sampling)")
+    # --- rewards ---
+    spatial_reward: str = opt("hard", "hard: 1[IoU > 0.5] (the paper); iou: continuous IoU", choices=("hard", "iou"))
+    format_weight: float = opt(1.0, "weight of the format reward")
+    spatial_weight: float = opt(1.0, "weight of the spatial reward")
+    # --- optimisation ---
+    learning_rate: float = opt(1e-6, "peak learning rate (AdamW)")
+    lr_scheduler: str = opt("constant", "learning-rate schedule after warm-up", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    max_steps: int | None = opt(None, "optimizer updates to run (overrides --num-train-epochs)")
+    num_train_epochs: float = opt(2.0, "passes over the training prompts, when --max-steps is not given")
+    # --- evaluation, precision, misc ---
+    eval_steps: int = opt(100, "evaluate on the val split every N steps (0: never)")
+    eval_limit: int | None = opt(None, "evaluate on at most N val/test samples")
+    eval_batch_size: int = opt(32, "prompts per generate call when evaluating")
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    min_pixels: int | None = opt(None, "processor's minimum image area in pixels")
+    max_pixels: int | None = opt(1003520, "processor's maximum image area (1003520 = 1280 visual tokens)")
+    seed: int = opt(0, "random seed (sampling, data order, the tiny model)")
+
+
+# The demo preset: applied to the options the user did not set when --model tiny. Tuned for a tiny
+# model on 2 CPU cores (see README, "The demo"): larger batches and learning rate than for a 3B VLM.
+TINY_PRESET = dict(batch_size=8, max_completion_length=48, learning_rate=3e-4, warmup_steps=20, beta=0.0,
+                   max_steps=300, eval_steps=50, max_pixels=None)
+
+
+def parse_config(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    for f in fields(Config):
+        kind = {int: int, float: float}.get(type(f.default)) or (
+            int if "int" in str(f.type) else float if "float" in str(f.type) else str)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, choices=f.metadata.get("choices"),
+                            help=f"{f.metadata['help']} (default: {f.default})")
+    given = vars(parser.parse_args(argv))
+    preset = {k: v for k, v in TINY_PRESET.items() if k not in given} if given.get("model", "tiny") == "tiny" else {}
+    config = Config(**{**preset, **given})
+    if preset:
+        dist.print0("Demo preset for --model tiny (override any option to change it): " +
+                    ", ".join(f"{k}={v}" for k, v in preset.items()))
+    return config
+
+
+def make_optimizer(model, cfg: Config, total_steps: int):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                            weight_decay=cfg.weight_decay)
+
+    def factor(step):  # LambdaLR multiplier of the peak learning rate
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[
+            cfg.lr_scheduler]
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def prompt_indices(step: int, micro: int, cfg: Config, n: int) -> list[int]:
+    """Which training samples micro-batch ``micro`` of ``step`` uses on this rank.
+
+    The data order is a fixed function of (seed, step), so a resumed run sees exactly the prompts an
+    uninterrupted one would: each epoch is a seeded permutation, consumed in order, every rank taking
+    its own slice (a group never spans ranks).
+    """
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
+    start = step * per_step + (micro * dist.world_size() + dist.rank()) * cfg.batch_size
+    out = []
+    for k in range(start, start + cfg.batch_size):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+def evaluate_split(model, processor, samples, template, frame, cfg: Config, device) -> tuple[dict, list[dict]]:
+    n = len(samples) if cfg.eval_limit is None else min(cfg.eval_limit, len(samples))
+    rows = predict(model, processor, [samples[i] for i in range(n)], template, frame, cfg.eval_batch_size,
+                   cfg.max_completion_length, progress=False, device=device)
+    return metrics_of(rows), rows
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    device = dist.setup()
+    torch.manual_seed(cfg.seed + dist.rank())
+    out = Path(cfg.output_dir)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    t_start = time.time()
+
+    # ------------------------------------------------------------------ models and data
+    dtype = resolve_dtype(cfg.dtype, device)
+    model_path = dist.on_main_first(lambda: resolve_model_path(cfg.model, cfg.seed))
+    policy, processor, frame = load_model(model_path, dtype=dtype, device=device,
+                                          min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    reference = load_reference(model_path, dtype=dtype, device=device) if cfg.beta > 0 else None
+    template = load_template(cfg.template)
+    reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
+                                   spatial_kind=cfg.spatial_reward)
+    never_ids = special_token_ids(processor)["never"]
+    data_args = dict(data_root=cfg.data_root, image_root=cfg.image_root, seed=cfg.seed)
+    train_set = load_dataset(cfg.dataset, "train", **data_args)
+    val_set = load_dataset(cfg.dataset, "val", **data_args)
+    test_set = load_dataset(cfg.dataset, "test", **data_args)
+    G = cfg.num_generations
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
+    total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(train_set) / per_step)
+    optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
+    dist.print0(f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters, {len(train_set)} training "
+                f"prompts, {total_steps} steps x {per_step} prompts x {G} completions, box frame '{frame}'")
+    policy = dist.wrap(policy)
+    raw = dist.unwrap(policy)
+
+    before, _ = evaluate_split(raw, processor, test_set, template, frame, cfg, device)
+    dist.print0(f"before GRPO, test: {json.dumps(before)}")
+    log = open(out / "metrics.jsonl", "a") if dist.is_main() else None
+
+    # ------------------------------------------------------------------ the GRPO loop
+    for step in tqdm(range(total_steps), desc="GRPO", disable=not dist.is_main()):
+        t0 = time.time()
+        # 1. Sample G completions for each prompt of each micro-batch, and score them.
+        rollouts, all_scores = [], []
+        for micro in range(cfg.gradient_accumulation_steps):
+            samples = [train_set[i] for i in prompt_indices(step, micro, cfg, len(train_set))]
+            images = [s.load_image() for s in samples]
+            prompts = encode_prompts(processor, images, [s.text for s in samples], template, device=device)
+            rollout = generate_completions(raw, processor, prompts, num_generations=G,
+                                           max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature)
+            targets = [R.Target(box=s.box, orig_size=(s.width, s.height), resized_size=size, frame=frame,
+                                phrase=s.text, image=img)
+                       for s, img, size in zip(samples, images, prompts.resized_sizes) for _ in range(G)]
+            rollouts.append(rollout)
+            all_scores.append(R.score_completions(rollout.texts, targets, reward_config))
+        t_gen = time.time() - t0
+
+        # 2. Group-relative advantages, over the global batch (all ranks) so "batch" scaling is global.
+        rewards = torch.cat([s.total for s in all_scores])  # (M*B*G,) this rank's completions
+        global_rewards = dist.all_gather_cat(rewards.to(device))  # (ranks*M*B*G,)
+        advantages = group_advantages(global_rewards, G, scale=cfg.scale_rewards)
+        advantages = advantages.view(dist.world_size(), -1)[dist.rank()].cpu()  # (M*B*G,) this rank's slice
+        num_items = dist.all_reduce_sum(torch.tensor(float(sum(r.completion_mask.sum() for r in rollouts)),
+                                                     device=device)).item()  # dapo's normaliser
+
+        # 3. Log-probs of the sampling policy (only when a rollout is reused, mu > 1) and of the reference.
+        old_logps, ref_logps = [], []
+        with torch.no_grad():
+            for r in rollouts:
+                args = (r.prompts, r.completion_ids, r.completion_mask)
+                kw = dict(group_size=G, temperature=cfg.temperature, never_ids=never_ids)
+                old_logps.append(completion_logps(raw, *args, **kw) if cfg.num_iterations > 1 else None)
+                ref_logps.append(completion_logps(reference, *args, **kw) if reference is not None else None)
+
+        # 4. The clipped policy loss, mu updates per rollout, gradient accumulation over micro-batches.
+        stats_sum, grad_norm = {}, torch.tensor(0.0)
+        for _ in range(cfg.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            for m, r in enumerate(rollouts):
+                adv = advantages[m * len(r.texts):(m + 1) * len(r.texts)].to(device)  # (B*G,)
+                with dist.no_sync_unless_last(policy, m == len(rollouts) - 1):
+                    logps = completion_logps(policy, r.prompts, r.completion_ids, r.completion_mask, group_size=G,
+                                             temperature=cfg.temperature, never_ids=never_ids)  # (B*G, T)
+                    old = old_logps[m] if old_logps[m] is not None else logps.detach()  # mu = 1: ratio 1
+                    loss, stats = grpo_loss(logps, old, adv, r.completion_mask, ref_logps=ref_logps[m],
+                                            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                                            loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                                            num_items_in_batch=num_items / dist.world_size())
+                    # dapo is already normalised by the global token count (x ranks: DDP averages
+                    # gradients); the other types average over micro-batches.
+                    (loss if cfg.loss_type == "dapo" else loss / len(rollouts)).backward()
+                stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / len(rollouts) / cfg.num_iterations
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + v / len(rollouts) / cfg.num_iterations
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+            optimizer.step()
+        scheduler.step()
+
+        # 5. Log one line per step (statistics reduced over ranks).
+        lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts])  # (M*B*G,)
+        grouped = global_rewards.view(-1, G)
+        local = {
+            "reward": rewards.sum().item(), **{f"reward/{k}": torch.cat([s.terms[k] for s in all_scores]).sum().item()
+                                              for k in all_scores[0].terms},
+            "parse_failure_rate": float(sum(s.parse_failures for s in all_scores)),
+            "reward_errors": float(sum(s.errors for s in all_scores)),
+            "completion_length": lengths.sum().item(), "completion_tokens": lengths.sum().item(),
+            **{k: v for k, v in stats_sum.items()},
+        }
+        summed = dist.reduce_dict_sum(local, device)
+        n_completions = global_rewards.numel()
+        record = {"step": step + 1, **{k: v / n_completions for k, v in summed.items() if k.startswith("reward")},
+                  "reward_std": global_rewards.std().item(),
+                  "frac_zero_std": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
+                  "parse_failure_rate": summed["parse_failure_rate"] / n_completions,
+                  "reward_errors": int(summed["reward_errors"]),
+                  **{k: summed[k] / dist.world_size() for k in ["loss", *stats_sum] if k != "loss"},
+                  "loss": summed["loss"] / dist.world_size(), "grad_norm": float(grad_norm),
+                  "completion_length": summed["completion_length"] / n_completions,
+                  "completion_tokens": int(summed["completion_tokens"]),
+                  "generate_s": round(t_gen, 3), "step_time_s": round(time.time() - t0, 3),
+                  "lr": scheduler.get_last_lr()[0]}
+        if cfg.eval_steps and ((step + 1) % cfg.eval_steps == 0 or step + 1 == total_steps):
+            metrics, rows = evaluate_split(raw, processor, val_set, template, frame, cfg, device)
+            record.update({"eval/acc@0.5": metrics["acc@0.5"], "eval/miou": metrics["miou"],
+                           "eval/parse_failures": metrics["parse_failures"]})
+            if dist.is_main():
+                (out / "completions").mkdir(exist_ok=True)
+                with open(out / "completions" / f"step-{step + 1:06d}.txt", "w") as f:
+                    for row in rows[:8]:
+                        f.write(f"{row['phrase']}  (truth {row['ground_truth']}, IoU {row['iou']:.2f})\n"
+                                f"  {row['output']}\n\n")
+                tqdm.write(f"step {step + 1}: val acc@0.5 {metrics['acc@0.5']:.2f}  miou {metrics['miou']:.2f}  "
+                           f"reward {record['reward']:.3f}")
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    # ------------------------------------------------------------------ the end: test numbers, final model
+    after, _ = evaluate_split(raw, processor, test_set, template, frame, cfg, device)
+    if dist.is_main():
+        raw.save_pretrained(out / "final")
+        processor.save_pretrained(out / "final")
+        summary = {"before": before, "after": after, "wall_s": round(time.time() - t_start, 1)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"after GRPO, test: {json.dumps(after)}")
+        print(f"test acc@0.5 {before['acc@0.5']:.2f} -> {after['acc@0.5']:.2f}, miou {before['miou']:.2f} -> "
+              f"{after['miou']:.2f} ({summary['wall_s']:.0f} s). Final model: {out / 'final'}")
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
