@@ -76,6 +76,7 @@ def to_rgb8(img: Image.Image) -> Image.Image:
 # ----------------------------------------------------------------------------------------------
 # Synthetic chest X-rays
 # ----------------------------------------------------------------------------------------------
+SYNTHETIC_VERSION = 2  # bump whenever drawing changes: cached models trained on old data are rebuilt
 SYNTHETIC_SIZE = 224  # pixels, square; the tiny model's processor resizes it to 112 x 112
 SYNTHETIC_SPLITS = {"train": (0, 2000), "val": (1, 200), "test": (2, 200)}  # split -> (stream, size)
 FINDINGS = ("nodule", "mass", "consolidation", "pleural effusion", "pneumothorax", "cardiomegaly")
@@ -106,11 +107,13 @@ class _Thorax:
     """Random thorax geometry: lungs, heart, and the zones phrases refer to."""
 
     def __init__(self, rng: np.random.Generator, size: int):
-        s = size / 224.0
+        # Patient size and placement vary a lot, so no box can be guessed from the phrase alone.
+        s = size / 224.0 * rng.uniform(0.72, 1.04)
         self.size = size
-        self.cx = size / 2 + rng.normal(0, 4) * s
-        self.top = (34 + rng.normal(0, 5)) * s
-        self.bottom = (196 + rng.normal(0, 5)) * s
+        self.cx = size / 2 + rng.uniform(-22, 22) * size / 224
+        cy = size / 2 + rng.uniform(-16, 16) * size / 224
+        self.top = cy + (-78 + rng.normal(0, 4)) * s
+        self.bottom = cy + (84 + rng.normal(0, 4)) * s
         self.body_ax = (92 + rng.normal(0, 5)) * s
         lung_ay = (self.bottom - self.top) / 2 * rng.uniform(0.82, 0.92)
         lung_cy = self.top + (self.bottom - self.top) * 0.47
@@ -174,7 +177,7 @@ def _draw_finding(kind, side, zone, rng, th, xx, yy, img, heart_mask):
         return phrase, mask, f"{side} lower zone", th.zone_mask(xx, yy, side, "lower")
     if kind == "pneumothorax":
         cx, cy, ax, ay = th.lungs[side]
-        depth = rng.uniform(0.22, 0.5)  # how far the collapsed lung edge has moved in
+        depth = rng.uniform(0.2, 0.6)  # how far the collapsed lung edge has moved in
         apical = rng.random() < 0.5
         lateral = -1 if side == "right" else 1
         if apical:  # air above the lung apex
@@ -216,7 +219,7 @@ def synthetic_sample(index: int, split: str = "train", seed: int = 0, size: int 
     img[np.abs(xx - th.cx) < 8 * size / 224] = 0.72
     heart_axes = th.heart
     if kind == "cardiomegaly":
-        grow = rng.uniform(1.3, 1.6)
+        grow = rng.uniform(1.25, 1.75)
         heart_axes = (th.heart[0] + 4, th.heart[1] - 3, th.heart[2] * grow, th.heart[3] * grow * 0.9)
     heart = _ellipse(xx, yy, *heart_axes) & body
     img[heart] = 0.68

@@ -186,9 +186,11 @@ def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> 
     """
     from grpo_min.prompts import CHAIN_OF_BOX
 
+    from data import SYNTHETIC_VERSION
+
     template = template or CHAIN_OF_BOX
-    recipe = dict(WARM_START, **overrides, version=RECIPE_VERSION, seed=seed, template=template,
-                  image_pixels=IMAGE_PIXELS)
+    recipe = dict(WARM_START, **overrides, version=RECIPE_VERSION, data_version=SYNTHETIC_VERSION, seed=seed,
+                  template=template, image_pixels=IMAGE_PIXELS)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"tiny-qwen2.5-vl-seed{seed}-{key}"
     if (path / "config.json").exists() and (path / "recipe.json").exists():

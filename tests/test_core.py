@@ -1,0 +1,216 @@
+"""The core: synthetic data, the tiny model, rollouts, and a short end-to-end training run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from grpo_min import tiny
+from grpo_min.boxes import accuracy_at, parse_answer
+from grpo_min.prompts import CHAIN_OF_BOX, PLAIN, load_template, render_question
+from grpo_min.rollout import (completion_logps, completion_mask_from_ids, encode_prompts, generate_completions,
+                              special_token_ids)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_synthetic_is_deterministic_and_splits_are_disjoint():
+    a, b = data.synthetic_sample(7, "train", seed=3), data.synthetic_sample(7, "train", seed=3)
+    assert a.text == b.text and a.box == b.box
+    assert np.array_equal(np.asarray(a.load_image()), np.asarray(b.load_image()))
+    c = data.synthetic_sample(7, "train", seed=4)
+    assert not np.array_equal(np.asarray(a.load_image()), np.asarray(c.load_image()))
+    images = {split: {data.synthetic_sample(i, split).load_image().tobytes() for i in range(30)}
+              for split in ("train", "val", "test")}
+    assert not images["train"] & images["val"] and not images["train"] & images["test"]
+    assert not images["val"] & images["test"]
+
+
+def test_synthetic_samples_are_well_formed():
+    for i in range(40):
+        s = data.synthetic_sample(i, "val")
+        x1, y1, x2, y2 = s.box
+        assert 0 <= x1 < x2 <= s.width and 0 <= y1 < y2 <= s.height
+        assert s.category in data.FINDINGS and s.text in data.synthetic_phrases()
+        assert s.load_image().mode == "RGB" and s.load_image().size == (s.width, s.height)
+        name, region = s.anatomy[0]
+        assert name in data.synthetic_phrases()
+        if s.category != "cardiomegaly":  # laterality: the patient's right lung is on the image's left
+            centre = (x1 + x2) / 2
+            assert (centre < s.width / 2) == (" right " in f" {s.text} ")
+
+
+def test_phrase_alone_cannot_pin_the_box():
+    """The best image-blind guess (mean training box per phrase) stays under 20% Acc@0.5."""
+    train, test = data.SyntheticDataset("train", size=600), data.SyntheticDataset("test")
+    ious = data.phrase_only_baseline(train, test)
+    assert len(ious) == 200
+    assert accuracy_at(ious, 0.5) < 20.0
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def test_templates_and_custom_template(tmp_path):
+    assert "region of the image you name" in render_question("x", CHAIN_OF_BOX)
+    assert "region of the image you name" not in render_question("x", PLAIN)
+    custom = tmp_path / "t.txt"
+    custom.write_text('Answer as {"bbox_2d": [..]}. {question}')
+    assert load_template(str(custom)).format(question="Q?") == 'Answer as {"bbox_2d": [..]}. Q?'
+    (tmp_path / "bad.txt").write_text("no slot")
+    with pytest.raises(ValueError, match="question"):
+        load_template(str(tmp_path / "bad.txt"))
+    with pytest.raises(FileNotFoundError):
+        load_template("no-such-template")
+
+
+# ---------------------------------------------------------------------------------------------- tiny model
+@pytest.fixture(scope="module")
+def random_tiny():
+    processor = tiny.build_processor()
+    return tiny.build_model(processor, seed=1).eval(), processor
+
+
+def test_tokenizer_splits_digits_and_keeps_special_tokens(random_tiny):
+    _, processor = random_tiny
+    tok = processor.tokenizer
+    pieces = tok.tokenize('<answer>{"bbox_2d":[105,7,88,123]}</answer>')
+    assert pieces[0] == "<answer>" and pieces[-1] == "</answer>"
+    assert all(len(p.lstrip("Ġ")) <= 1 for p in pieces if any(ch.isdigit() for ch in p))
+    for name in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>"):
+        assert len(tok(name, add_special_tokens=False)["input_ids"]) == 1
+    text = '<think>left lower zone [1,2,3,4]</think><answer>{"bbox_2d":[5,6,7,8]}</answer>'
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def _prompts(processor, n=2, split="val"):
+    samples = [data.synthetic_sample(i, split) for i in range(n)]
+    return samples, encode_prompts(processor, [s.load_image() for s in samples], [s.text for s in samples],
+                                   CHAIN_OF_BOX)
+
+
+def test_random_model_never_emits_image_tokens_and_mask_stops_at_eos(random_tiny):
+    model, processor = random_tiny
+    _, prompts = _prompts(processor, n=3)
+    torch.manual_seed(0)
+    out = generate_completions(model, processor, prompts, num_generations=4, max_new_tokens=40)
+    ids = special_token_ids(processor)
+    assert out.completion_ids.shape[0] == 12
+    assert not torch.isin(out.completion_ids, torch.tensor(ids["never"])).any()
+    assert prompts.resized_sizes == [(112, 112)] * 3  # 224 px synthetic images -> the tiny model's frame
+
+
+def test_completion_mask_covers_up_to_first_eos():
+    ids = torch.tensor([[4, 9, 2, 5, 2], [4, 4, 4, 4, 4], [2, 7, 7, 7, 7]])
+    mask = completion_mask_from_ids(ids, eos_ids=[2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_encoding_each_image_once_gives_the_same_logps(random_tiny):
+    """The fast path (vision tower once per prompt) equals the plain path (once per completion)."""
+    model, processor = random_tiny
+    _, prompts = _prompts(processor, n=2)
+    torch.manual_seed(0)
+    out = generate_completions(model, processor, prompts, num_generations=3, max_new_tokens=16)
+    args = (model, prompts, out.completion_ids, out.completion_mask)
+    fast = completion_logps(*args, group_size=3, temperature=0.7, encode_image_once=True)
+    plain = completion_logps(*args, group_size=3, temperature=0.7, encode_image_once=False)
+    assert fast.shape == out.completion_ids.shape
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+def test_logps_match_the_sampling_distribution(random_tiny):
+    """Scored log-probs equal the ones generate() sampled from (same temperature, same masked tokens)."""
+    model, processor = random_tiny
+    _, prompts = _prompts(processor, n=1)
+    ids = special_token_ids(processor)
+    torch.manual_seed(0)
+    gen = model.generate(**prompts.inputs, do_sample=True, temperature=0.8, top_k=None, top_p=None,
+                         max_new_tokens=8, suppress_tokens=ids["never"], eos_token_id=ids["eos"],
+                         pad_token_id=ids["pad"], output_logits=True, return_dict_in_generate=True)
+    completion = gen.sequences[:, prompts.inputs["input_ids"].shape[1]:]
+    raw = torch.stack(gen.logits, dim=1)  # (1, T, V) raw logits of each step
+    expected = torch.log_softmax(raw.index_fill(-1, torch.tensor(ids["never"]), float("-inf")) / 0.8, -1)
+    expected = expected.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    mask = completion_mask_from_ids(completion, ids["eos"])
+    got = completion_logps(model, prompts, completion, mask, group_size=1, temperature=0.8, never_ids=ids["never"])
+    torch.testing.assert_close(got * mask, expected * mask, atol=1e-4, rtol=0)
+
+
+def test_warm_start_is_deterministic(tmp_path, monkeypatch):
+    builds = []
+    for k in range(2):
+        monkeypatch.setenv("GRPO_MIN_CACHE", str(tmp_path / f"cache{k}"))
+        path = tiny.tiny_model_path(seed=5, steps=2, batch_size=4)
+        from safetensors.torch import load_file
+
+        builds.append(load_file(path / "model.safetensors"))
+    assert builds[0].keys() == builds[1].keys()
+    assert all(torch.equal(builds[0][k], builds[1][k]) for k in builds[0])
+
+
+def test_tiny_model_round_trips_through_plain_transformers(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from grpo_min.models import load_model
+
+    model, processor, frame = load_model(tiny_model_dir)
+    assert frame == "absolute" and model.config.model_type == "qwen2_5_vl"
+    model.save_pretrained(tmp_path / "copy")
+    processor.save_pretrained(tmp_path / "copy")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "copy")
+    AutoProcessor.from_pretrained(tmp_path / "copy")
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_warm_started_model_answers_in_format(tiny_model_dir):
+    """Even the short test warm start teaches the answer format (the full one reaches >95%, see README)."""
+    from evaluate import metrics_of, predict
+    from grpo_min.models import load_model
+
+    model, processor, frame = load_model(tiny_model_dir)
+    rows = predict(model, processor, data.SyntheticDataset("val", size=8), CHAIN_OF_BOX, frame,
+                   max_new_tokens=48, progress=False)
+    assert metrics_of(rows)["n"] == 8
+    assert sum(parse_answer(r["output"]) is not None for r in rows) >= 4
+
+
+# ---------------------------------------------------------------------------------------------- train.py
+def test_train_help():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0
+    for option in ("--num-generations", "--beta", "--epsilon-high", "--loss-type", "--scale-rewards",
+                   "--max-completion-length", "--temperature", "--learning-rate", "--template", "--num-iterations"):
+        assert option in out.stdout
+
+
+REQUIRED_KEYS = {"step", "reward", "reward/format", "reward/spatial", "reward_std", "frac_zero_std",
+                 "parse_failure_rate", "kl", "clip_fraction", "loss", "grad_norm", "completion_length",
+                 "completion_tokens", "step_time_s", "lr"}
+
+
+def test_two_step_training_run(tiny_model_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--model", str(tiny_model_dir), "--max-steps", "2", "--batch-size", "2",
+           "--num-generations", "4", "--max-completion-length", "24", "--eval-steps", "2", "--eval-limit", "4",
+           "--beta", "0.04", "--num-iterations", "2", "--learning-rate", "1e-4", "--output-dir", str(out_dir)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2]
+    for line in lines:
+        assert REQUIRED_KEYS <= line.keys()
+        assert line["completion_tokens"] > 0 and np.isfinite(line["loss"]) and line["kl"] >= 0
+    assert "eval/acc@0.5" in lines[-1] and "eval/miou" in lines[-1]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert {"before", "after", "wall_s"} <= summary.keys() and summary["after"]["n"] == 4
+    assert (out_dir / "completions" / "step-000002.txt").read_text().strip()
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(out_dir / "final")
+    assert json.loads((out_dir / "config.json").read_text())["num_iterations"] == 2
