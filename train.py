@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +24,7 @@ import rewards as R
 from data import DATASETS, load_dataset
 from evaluate import metrics_of, predict
 from grpo_min import dist
+from grpo_min.checkpoint import check_checkpoint, find_resume_path, load_checkpoint, save_checkpoint
 from grpo_min.loss import group_advantages, grpo_loss
 from grpo_min.models import load_model, load_reference, resolve_dtype, resolve_model_path
 from grpo_min.prompts import load_template
@@ -66,6 +68,15 @@ class Config:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
     max_steps: int | None = opt(None, "optimizer updates to run (overrides --num-train-epochs)")
     num_train_epochs: float = opt(2.0, "passes over the training prompts, when --max-steps is not given")
+    # --- checkpoints, resume, faults ---
+    save_steps: int = opt(0, "write checkpoint-<step> every N steps (0: only on preemption)")
+    save_total_limit: int | None = opt(2, "keep only the last K checkpoints")
+    resume: str | None = opt(None, "'auto' (latest complete checkpoint in --output-dir) or a checkpoint folder")
+    max_bad_steps: int = opt(5, "stop after this many updates in a row with a non-finite loss or gradient")
+    # --- memory ---
+    fsdp: bool = opt(False, "shard policy and reference with FSDP2 (vision tower and each decoder layer a unit)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
+    freeze_vision: bool = opt(False, "train the language model only; the vision tower stays frozen")
     # --- evaluation, precision, misc ---
     eval_steps: int = opt(100, "evaluate on the val split every N steps (0: never)")
     eval_limit: int | None = opt(None, "evaluate on at most N val/test samples")
@@ -86,10 +97,12 @@ def parse_config(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
     for f in fields(Config):
-        kind = {int: int, float: float}.get(type(f.default)) or (
-            int if "int" in str(f.type) else float if "float" in str(f.type) else str)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, choices=f.metadata.get("choices"),
-                            help=f"{f.metadata['help']} (default: {f.default})")
+        name, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        if f.type == "bool":
+            parser.add_argument(name, action="store_true", help=help)
+            continue
+        kind = int if "int" in f.type else float if "float" in f.type else str
+        parser.add_argument(name, type=kind, choices=f.metadata.get("choices"), help=help)
     given = vars(parser.parse_args(argv))
     preset = {k: v for k, v in TINY_PRESET.items() if k not in given} if given.get("model", "tiny") == "tiny" else {}
     config = Config(**{**preset, **given})
@@ -137,22 +150,57 @@ def evaluate_split(model, processor, samples, template, frame, cfg: Config, devi
     return metrics_of(rows), rows
 
 
+class Preemption:
+    """Remember a SIGTERM / SIGINT (SLURM sends SIGTERM before killing a job) until the step ends."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"[rank {dist.rank()}] got signal {signum}: saving a checkpoint at the end of this step", flush=True)
+
+    def any_rank(self, device) -> bool:
+        return dist.all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
+
+
+def warn_config_changes(saved: dict, cfg: Config):
+    ignore = {"resume", "max_steps", "num_train_epochs", "eval_steps", "save_steps", "save_total_limit"}
+    changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in ignore and saved.get(k) != v}
+    if changed:
+        dist.print0("WARNING: resuming with a different configuration: " +
+                    "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     device = dist.setup()
     torch.manual_seed(cfg.seed + dist.rank())
     out = Path(cfg.output_dir)
+    resume_path = find_resume_path(cfg.resume, out) if cfg.resume else None
+    if resume_path is not None:
+        check_checkpoint(resume_path)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     t_start = time.time()
+    preemption = Preemption()
 
     # ------------------------------------------------------------------ models and data
     dtype = resolve_dtype(cfg.dtype, device)
     model_path = dist.on_main_first(lambda: resolve_model_path(cfg.model, cfg.seed))
-    policy, processor, frame = load_model(model_path, dtype=dtype, device=device,
+    # Resuming loads the policy from the checkpoint; the reference is always the starting model.
+    policy, processor, frame = load_model(resume_path or model_path, dtype=dtype, device=device,
                                           min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     reference = load_reference(model_path, dtype=dtype, device=device) if cfg.beta > 0 else None
+    if cfg.freeze_vision:
+        policy.model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     template = load_template(cfg.template)
     reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
                                    spatial_kind=cfg.spatial_reward)
@@ -164,18 +212,46 @@ def main(argv=None):
     G = cfg.num_generations
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(train_set) / per_step)
-    optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
     dist.print0(f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters, {len(train_set)} training "
                 f"prompts, {total_steps} steps x {per_step} prompts x {G} completions, box frame '{frame}'")
-    policy = dist.wrap(policy)
+    policy = dist.wrap(policy, fsdp=cfg.fsdp)
+    if reference is not None and cfg.fsdp:
+        reference = dist.wrap(reference, fsdp=True)
     raw = dist.unwrap(policy)
+    if cfg.fsdp:  # FSDP2 must see one forward through the root before generate() calls submodules
+        first = train_set[0]
+        warm = encode_prompts(processor, [first.load_image()], [first.text], template, device=device)
+        one_token = warm.inputs["input_ids"][:, -1:]
+        for model in (policy, reference):
+            if model is not None:
+                with torch.no_grad():
+                    completion_logps(model, warm, one_token, torch.ones_like(one_token, dtype=torch.float), group_size=1)
+    optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
 
-    before, _ = evaluate_split(raw, processor, test_set, template, frame, cfg, device)
-    dist.print0(f"before GRPO, test: {json.dumps(before)}")
-    log = open(out / "metrics.jsonl", "a") if dist.is_main() else None
+    start_step, bad_steps = 0, 0
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, policy, optimizer, scheduler)
+        warn_config_changes(state["config"], cfg)
+        start_step, before = state["step"], state["before"]
+        dist.print0(f"resumed from {resume_path} at step {start_step}")
+    else:
+        before, _ = evaluate_split(raw, processor, test_set, template, frame, cfg, device)
+        dist.print0(f"before GRPO, test: {json.dumps(before)}")
+    log = None
+    if dist.is_main():  # a resumed run rewrites the lines logged after its checkpoint
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        kept = [l for l in lines if json.loads(l)["step"] <= start_step]
+        (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
+        log = open(out / "metrics.jsonl", "a")
+
+    def checkpoint(step):
+        return save_checkpoint(out, step, policy, processor, optimizer, scheduler,
+                               {"config": asdict(cfg), "before": before, "data_position": step * per_step},
+                               cfg.save_total_limit)
 
     # ------------------------------------------------------------------ the GRPO loop
-    for step in tqdm(range(total_steps), desc="GRPO", disable=not dist.is_main()):
+    for step in tqdm(range(start_step, total_steps), desc="GRPO", disable=not dist.is_main(),
+                     initial=start_step, total=total_steps):
         t0 = time.time()
         # 1. Sample G completions for each prompt of each micro-batch, and score them.
         rollouts, all_scores = [], []
@@ -183,7 +259,7 @@ def main(argv=None):
             samples = [train_set[i] for i in prompt_indices(step, micro, cfg, len(train_set))]
             images = [s.load_image() for s in samples]
             prompts = encode_prompts(processor, images, [s.text for s in samples], template, device=device)
-            rollout = generate_completions(raw, processor, prompts, num_generations=G,
+            rollout = generate_completions(raw, processor, prompts, num_generations=G, synced_gpus=cfg.fsdp,
                                            max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature)
             targets = [R.Target(box=s.box, orig_size=(s.width, s.height), resized_size=size, frame=frame,
                                 phrase=s.text, image=img)
@@ -210,9 +286,10 @@ def main(argv=None):
                 ref_logps.append(completion_logps(reference, *args, **kw) if reference is not None else None)
 
         # 4. The clipped policy loss, mu updates per rollout, gradient accumulation over micro-batches.
-        stats_sum, grad_norm = {}, torch.tensor(0.0)
+        stats_sum, grad_norm, skipped = {}, torch.tensor(0.0), False
         for _ in range(cfg.num_iterations):
             optimizer.zero_grad(set_to_none=True)
+            total_loss = torch.zeros((), device=device)
             for m, r in enumerate(rollouts):
                 adv = advantages[m * len(r.texts):(m + 1) * len(r.texts)].to(device)  # (B*G,)
                 with dist.no_sync_unless_last(policy, m == len(rollouts) - 1):
@@ -226,12 +303,20 @@ def main(argv=None):
                     # dapo is already normalised by the global token count (x ranks: DDP averages
                     # gradients); the other types average over micro-batches.
                     (loss if cfg.loss_type == "dapo" else loss / len(rollouts)).backward()
+                    total_loss += loss.detach()
                 stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / len(rollouts) / cfg.num_iterations
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / len(rollouts) / cfg.num_iterations
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+            # A non-finite loss or gradient on any rank skips this update everywhere: nothing is applied.
+            finite = torch.isfinite(total_loss) & torch.isfinite(grad_norm.to(device))
+            if dist.all_reduce_sum((~finite).float().reshape(1)).item() > 0:
+                skipped = True
+                optimizer.zero_grad(set_to_none=True)
+                break
             optimizer.step()
         scheduler.step()
+        bad_steps = bad_steps + 1 if skipped else 0
 
         # 5. Log one line per step (statistics reduced over ranks).
         lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts])  # (M*B*G,)
@@ -256,7 +341,7 @@ def main(argv=None):
                   "completion_length": summed["completion_length"] / n_completions,
                   "completion_tokens": int(summed["completion_tokens"]),
                   "generate_s": round(t_gen, 3), "step_time_s": round(time.time() - t0, 3),
-                  "lr": scheduler.get_last_lr()[0]}
+                  "lr": scheduler.get_last_lr()[0], "skipped_update": skipped}
         if cfg.eval_steps and ((step + 1) % cfg.eval_steps == 0 or step + 1 == total_steps):
             metrics, rows = evaluate_split(raw, processor, val_set, template, frame, cfg, device)
             record.update({"eval/acc@0.5": metrics["acc@0.5"], "eval/miou": metrics["miou"],
@@ -272,6 +357,19 @@ def main(argv=None):
         if log:
             log.write(json.dumps(record) + "\n")
             log.flush()
+        if bad_steps >= cfg.max_bad_steps:
+            dist.print0(f"Stopping: {bad_steps} updates in a row had a non-finite loss or gradient norm (none was "
+                        f"applied). The last good checkpoint in {out} is intact; lower --learning-rate or check "
+                        "the data, then --resume auto.")
+            dist.cleanup()
+            return 1
+        if preemption.any_rank(device):
+            path = checkpoint(step + 1)
+            dist.print0(f"Preempted: saved {path}. Resume with the same command plus --resume auto.")
+            dist.cleanup()
+            return 0
+        if cfg.save_steps and (step + 1) % cfg.save_steps == 0:
+            checkpoint(step + 1)
 
     # ------------------------------------------------------------------ the end: test numbers, final model
     after, _ = evaluate_split(raw, processor, test_set, template, frame, cfg, device)

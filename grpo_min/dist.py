@@ -65,14 +65,37 @@ def on_main_first(fn):
     return fn()
 
 
-def wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """DistributedDataParallel when distributed, else the model itself."""
+def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
+    """Shard with FSDP2 (``fsdp``) or replicate with DDP when distributed; else the model itself.
+
+    FSDP2 shards in place: the vision tower and every decoder layer become units of their own, then
+    the root. The vision tower must be its own unit because ``generate`` calls it directly, outside
+    the root module's forward (TRANSFORMERS_NOTES.md).
+    """
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if not is_distributed():  # FSDP2 needs a process group, even for one process
+            td.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1,
+                                  init_method="file://" + _tmp_file())
+        inner = model.model
+        fully_shard(inner.visual)
+        for layer in inner.language_model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
     if not is_distributed():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _tmp_file() -> str:
+    import tempfile
+
+    return tempfile.mktemp(prefix="grpo_min_pg_")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

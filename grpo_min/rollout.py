@@ -118,7 +118,8 @@ def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, 
         kwargs["mm_token_type_ids"] = torch.cat(
             [rep(inputs["mm_token_type_ids"]), torch.zeros_like(completion_ids)], dim=1)  # (B*G, P+T)
     if encode_image_once:
-        features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        inner = getattr(model, "module", model)  # under DDP the vision tower is reached through .module
+        features = inner.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         per_image = features.pooler_output  # B tensors of (visual tokens, hidden)
         repeated = tuple(f for f in per_image for _ in range(group_size))  # B*G, each image G times
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=repeated)}

@@ -1,0 +1,144 @@
+"""Checkpoints that survive crashes and preemption, and resume exactly.
+
+``<output-dir>/checkpoint-<step>/`` holds:
+
+* the policy as a ``save_pretrained`` folder (safetensors) with its processor: plain transformers
+  loads it;
+* ``optimizer.pt`` and ``scheduler.pt``: tensors and plain Python values only, so they load with
+  ``torch.load(..., weights_only=True)`` (no unpickling of arbitrary objects);
+* ``rng_state_rank<r>.pt``: every rank's torch (and CUDA) generator state, likewise;
+* ``trainer_state.json``: the step, the data position (the data order is a function of the step),
+  the run's config and the metrics needed at the end;
+* ``COMPLETE``: written last. A checkpoint is first written under ``checkpoint-<step>.tmp`` and
+  renamed once complete, so a crash mid-write never leaves a folder that looks finished.
+
+Model and optimizer states go through ``torch.distributed.checkpoint.state_dict`` with full
+(unsharded) state dicts, so the same code serves one process, DDP and FSDP2.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from grpo_min import dist
+
+MARKER = "COMPLETE"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, step: int, model, processor, optimizer, scheduler, trainer_state: dict,
+                    save_total_limit: int | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically (all ranks call this; rank 0 writes the shared files)."""
+    final = Path(out_dir) / f"checkpoint-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)  # collective under FSDP
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    torch.save(rng_state(), tmp / f"rng_state_rank{dist.rank()}.pt")
+    if dist.is_main():
+        dist.unwrap(model).save_pretrained(tmp, state_dict=model_state)
+        processor.save_pretrained(tmp)
+        torch.save(optim_state, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step,
+                                                            "world_size": dist.world_size()}, indent=1))
+    dist.barrier()
+    if dist.is_main():
+        (tmp / MARKER).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if save_total_limit:
+            for old in complete_checkpoints(out_dir)[:-save_total_limit]:
+                shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    """Finished checkpoints in ``out_dir``, oldest first (half-written ``.tmp`` folders are ignored)."""
+    found = [p for p in Path(out_dir).glob("checkpoint-*") if _NAME.match(p.name) and (p / MARKER).exists()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def find_resume_path(resume: str, out_dir: Path) -> Path | None:
+    """``auto``: the latest complete checkpoint in ``out_dir`` (None if there is none); else a path."""
+    if resume == "auto":
+        found = complete_checkpoints(out_dir)
+        return found[-1] if found else None
+    return Path(resume)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and this rank's RNG; return the trainer state.
+
+    The policy weights themselves are loaded earlier, by loading the checkpoint folder as the model
+    (``load_model(path)``), which lets transformers map its saved key names onto the live model.
+    """
+    path = Path(path)
+    if not (path / MARKER).exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} file): it was probably cut off "
+                              "while being written. Use an earlier checkpoint-<step> folder.")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        optim_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        sched_state = torch.load(path / "scheduler.pt", weights_only=True)
+        rng_file = path / f"rng_state_rank{dist.rank()}.pt"
+        rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+    except Exception as e:  # corrupt or truncated files: say which checkpoint, never half-load
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(sched_state)
+    if rng is not None and state.get("world_size") == dist.world_size():
+        set_rng_state(rng)
+    return state
+
+
+def check_checkpoint(path: Path):
+    """Refuse, with a clear message, a folder that is not a complete, readable checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {path}: no such checkpoint folder")
+    if not (path / MARKER).exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} file): it was probably cut off "
+                              "while being written. Use an earlier checkpoint-<step> folder.")
+    from safetensors import safe_open
+
+    try:
+        files = sorted(path.glob("*.safetensors"))
+        for f in files:
+            with safe_open(f, "pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        json.loads((path / "trainer_state.json").read_text())
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not files:
+        raise CheckpointError(f"{path} holds no *.safetensors model weights")
