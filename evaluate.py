@@ -1,55 +1,365 @@
-"""The numbers: greedy decoding on a split, IoU / Acc@t / mIoU, predictions written as JSONL.
+"""The numbers: greedy decoding on a split, IoU / Acc@t / mIoU, predictions, tables and pictures.
 
-    python evaluate.py --model tiny --dataset synthetic --split test --output-dir runs/eval
+Six ways to run it (METHOD.md, "Evaluation" defines every number):
+
+    python evaluate.py --model tiny --dataset synthetic --split test --output-dir runs/eval --save-vis 8
+    python evaluate.py --predictions runs/eval/predictions.jsonl --output-dir runs/rescored
+    python evaluate.py --predictions medground_r1_mscxr_log.json --output-dir runs/released
+    python evaluate.py --compare runs/a/metrics.json runs/b/metrics.json [--paper ms-cxr]
+    python evaluate.py --plot-run runs/grpo
+    python evaluate.py --model /ckpt/Qwen2.5-VL-3B-Instruct --image cxr.png --phrase "left pleural effusion"
+
+A model evaluation writes ``predictions.jsonl`` (one row per sample: id, phrase, category,
+ground_truth, output, box, iou; boxes in ORIGINAL image pixels) and ``metrics.json`` (n,
+parse_failures, acc@0.3, acc@0.5, acc@0.7, miou in percent, per_category when categories are
+known, and the dataset / split / model it came from), then prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from grpo_min.boxes import from_model_frame, iou, parse_answer, summarize_ious
+from grpo_min.boxes import Box, from_model_frame, iou, parse_answer, summarize_ious
 from grpo_min.prompts import load_template
 from grpo_min.rollout import encode_prompts, generate_completions
 
+# Qwen2.5-VL-7B, MedGround-R1 README (METHOD.md, "Evaluation"): only Acc@0.5 ("Acc") and mIoU are published.
+PAPER = {"ms-cxr": ("MS-CXR", {"acc@0.5": 83.12, "miou": 79.02}),
+         "chestx-ray8": ("ChestX-ray8", {"acc@0.5": 62.18, "miou": 53.12}),
+         "m3d-refseg": ("M3D-RefSeg", {"acc@0.5": 74.66, "miou": 60.10})}
+PAPER_NOTES = {"ms-cxr": "The prediction log released next to the MS-CXR numbers scores 33.65 mIoU / "
+                         "37.13 Acc@0.5 over its 167 test samples (METHOD.md, last section)."}
+PAPER_SETTINGS = {("medrpg", "test"): "ms-cxr"}  # (dataset, split) recorded in metrics.json -> paper row
+DEFAULT_MAX_PIXELS = 1003520  # real models, as in train.py (1280 visual tokens)
+TRUTH, PREDICTION = (0, 200, 0), (230, 30, 30)  # green and red, as in data.draw_grid
 
+
+# ----------------------------------------------------------------------------------------------
+# Predictions and metrics
+# ----------------------------------------------------------------------------------------------
 @torch.no_grad()
+def decode_boxes(model, processor, images, phrases, orig_sizes, template: str, frame: str = "absolute",
+                 max_new_tokens: int = 256, device=None) -> list[tuple[str, Box | None]]:
+    """Greedy answers for B (image, phrase) pairs: (text, box in original pixels or None) each."""
+    prompts = encode_prompts(processor, images, phrases, template, device=device)
+    out = generate_completions(model, processor, prompts, num_generations=1, max_new_tokens=max_new_tokens,
+                               greedy=True)
+    results = []
+    for text, orig, resized in zip(out.texts, orig_sizes, prompts.resized_sizes):
+        box = parse_answer(text)  # in the model's frame
+        if box is not None:
+            box = tuple(round(v, 2) for v in from_model_frame(box, orig, resized, frame))
+        results.append((text, box))
+    return results
+
+
 def predict(model, processor, samples, template: str, frame: str = "absolute", batch_size: int = 32,
             max_new_tokens: int = 256, progress: bool = True, device=None) -> list[dict]:
-    """Greedy predictions for ``samples``, with boxes mapped back to original pixels and scored."""
+    """Greedy predictions for ``samples``, with boxes mapped back to original pixels and scored.
+
+    The IoU is that of the box as written to the row (rounded to 0.01 px), so that rescoring a
+    ``predictions.jsonl`` with ``--predictions`` reproduces the numbers exactly.
+    """
     rows = []
-    starts = range(0, len(samples), batch_size)
-    for start in tqdm(starts, desc="evaluating", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", disable=not progress, leave=False):
         batch = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
-        prompts = encode_prompts(processor, [s.load_image() for s in batch], [s.text for s in batch], template,
-                                 device=device)
-        out = generate_completions(model, processor, prompts, num_generations=1, max_new_tokens=max_new_tokens,
-                                   greedy=True)
-        for s, text, resized in zip(batch, out.texts, prompts.resized_sizes):
-            box = parse_answer(text)
-            pred = None if box is None else from_model_frame(box, (s.width, s.height), resized, frame)
+        answers = decode_boxes(model, processor, [s.load_image() for s in batch], [s.text for s in batch],
+                               [(s.width, s.height) for s in batch], template, frame, max_new_tokens, device)
+        for s, (text, box) in zip(batch, answers):
             rows.append({"id": s.id, "phrase": s.text, "category": s.category, "ground_truth": list(s.box),
-                         "output": text, "box": None if pred is None else [round(v, 2) for v in pred],
-                         "iou": iou(pred, s.box)})
+                         "output": text, "box": None if box is None else list(box), "iou": iou(box, s.box)})
     return rows
 
 
 def metrics_of(rows: list[dict]) -> dict:
-    """The summary metrics of prediction rows (percentages; a parse failure counts as IoU 0)."""
-    return summarize_ious([r["iou"] for r in rows], sum(r["box"] is None for r in rows))
+    """The summary metrics of prediction rows (percentages; a parse failure counts as IoU 0).
+
+    ``per_category`` (the same keys, one entry per category) is added when any row has a category;
+    rows without one are then grouped under "unknown".
+
+    >>> metrics_of([{"iou": 0.8, "box": [0, 0, 1, 1], "category": "mass"},
+    ...             {"iou": 0.0, "box": None, "category": "nodule"}])["per_category"]["nodule"]
+    {'n': 1, 'parse_failures': 1, 'acc@0.3': 0.0, 'acc@0.5': 0.0, 'acc@0.7': 0.0, 'miou': 0.0}
+    """
+    summary = lambda rs: summarize_ious([r["iou"] for r in rs], sum(r["box"] is None for r in rs))
+    metrics = summary(rows)
+    if any(r.get("category") is not None for r in rows):
+        category = lambda r: "unknown" if r.get("category") is None else str(r["category"])
+        metrics["per_category"] = {c: summary([r for r in rows if category(r) == c])
+                                   for c in sorted({category(r) for r in rows})}
+    return metrics
 
 
-def main(argv=None):
-    from data import DATASETS, load_dataset
-    from grpo_min.models import load_model, resolve_dtype, resolve_model_path
+# ----------------------------------------------------------------------------------------------
+# Prediction files: ours, and the MedGround-R1 / VLM-R1 log
+# ----------------------------------------------------------------------------------------------
+def as_box(value) -> Box | None:
+    """A ground-truth box from how files write it: [x1, y1, x2, y2], [[...]], {"bbox_2d": [...]}, or text.
 
-    p = argparse.ArgumentParser(description="Evaluate a grounding model: Acc@0.3/0.5/0.7 and mIoU (percent).")
+    >>> as_box([[10, 20, 30, 40]]), as_box({"bbox_2d": [1, 2, 3, 4]}), as_box("[5, 6, 7, 8]")
+    ((10.0, 20.0, 30.0, 40.0), (1.0, 2.0, 3.0, 4.0), (5.0, 6.0, 7.0, 8.0))
+    """
+    if isinstance(value, str):
+        return parse_answer(value)
+    if isinstance(value, dict):
+        return next((as_box(value[k]) for k in ("bbox_2d", "bbox", "box") if k in value), None)
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return as_box(value[0])
+    if (isinstance(value, (list, tuple)) and len(value) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        return tuple(float(v) for v in value)
+    return None
+
+
+def row_from_record(record: dict, index: int) -> dict:
+    """One scored row from a record of either format (see ``load_predictions``)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"record {index}: expected a JSON object, got {type(record).__name__}")
+    gt_key = next((k for k in ("ground_truth", "solution") if k in record), None)
+    truth = as_box(record[gt_key]) if gt_key else None
+    if truth is None:
+        raise ValueError(f"record {index}: no ground-truth box (expected 'ground_truth': [x1, y1, x2, y2]), "
+                         f"got keys {sorted(record)}")
+    output = record.get("model_output", record.get("output"))
+    if "box" in record:  # ours: the box was already parsed and mapped to original pixels
+        box = as_box(record["box"]) if record["box"] is not None else None
+    else:  # a log: parse the raw answer; it shares the ground truth's frame
+        box = parse_answer(output)  # None (a parse failure) for no box or a non-text output
+    return {"id": record.get("id", record.get("image", index)),
+            "phrase": record.get("phrase", record.get("question", record.get("problem", ""))),
+            "category": record.get("category"), "ground_truth": list(truth), "output": output,
+            "box": None if box is None else list(box), "iou": iou(box, truth)}
+
+
+def load_predictions(path: str | Path) -> tuple[list[dict], str]:
+    """Scored rows from a prediction file, and the name of the format that was detected.
+
+    - ``{"results": [{"question", "ground_truth", "model_output", ...}, ...]}``: the MedGround-R1 /
+      VLM-R1 evaluation log. The output is parsed here; its box and the ground truth share one frame.
+    - JSONL (or a JSON list) of our rows (``predictions.jsonl``): ``box`` and ``ground_truth`` in
+      original pixels; the IoU is recomputed from them. Rows with an ``output`` / ``model_output``
+      but no ``box`` are parsed like the log.
+    """
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("results"), list):
+        records, kind = data["results"], "MedGround-R1 / VLM-R1 log (JSON 'results'; output and truth share a frame)"
+    else:
+        if isinstance(data, list):
+            records, kind = data, "JSON list"
+        elif isinstance(data, dict):  # a JSONL file of a single line
+            records, kind = [data], "JSONL"
+        else:
+            records, kind = [], "JSONL"
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}, line {number}: not JSON ({e})") from None
+        mine = bool(records) and isinstance(records[0], dict) and "box" in records[0]
+        kind += " of grpo_min predictions (boxes in original pixels)" if mine else " of raw outputs (parsed here)"
+    return [row_from_record(r, i) for i, r in enumerate(records)], kind
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+COLUMNS = (("n", "n"), ("parse_failures", "parse fail"), ("acc@0.3", "Acc@0.3"), ("acc@0.5", "Acc@0.5"),
+           ("acc@0.7", "Acc@0.7"), ("miou", "mIoU"))
+
+
+def format_table(named_metrics: list[tuple[str, dict]]) -> str:
+    """A fixed-width table, one row per (name, metrics); a missing number prints as "-"."""
+    width = max([len(name) for name, _ in named_metrics] + [4])
+    counts = ("n", "parse_failures")
+    cell = lambda key, v: "-" if v is None else f"{v:.0f}" if key in counts else f"{v:.2f}"
+    lines = [f"{'':<{width}}" + "".join(f"{title:>11}" for _, title in COLUMNS)]
+    lines += [f"{name:<{width}}" + "".join(f"{cell(key, m.get(key)):>11}" for key, _ in COLUMNS)
+              for name, m in named_metrics]
+    return "\n".join(lines)
+
+
+def metrics_table(metrics: dict) -> str:
+    """The table printed after an evaluation: all samples, then each category (indented)."""
+    per_category = metrics.get("per_category", {})
+    return format_table([("all", metrics)] + [(f"  {c}", m) for c, m in per_category.items()])
+
+
+def compare_table(paths: list[str | Path], paper: str | None = None) -> str:
+    """Runs side by side (the ablation table), named by their folders; plus the paper's row in its setting.
+
+    ``paper`` is a key of PAPER; without it the paper's row appears when every file records the
+    same (dataset, split) and that is the paper's setting (``medrpg``, ``test``).
+    """
+    named = []
+    for path in map(Path, paths):
+        metrics = json.loads(path.read_text())
+        metrics = metrics.get("after", metrics) if "n" not in metrics else metrics  # train.py's summary.json
+        named.append((path.parent.name if path.name in ("metrics.json", "summary.json") else path.stem, metrics))
+    settings = {(m.get("dataset"), m.get("split")) for _, m in named}
+    if paper is None and len(settings) == 1:
+        paper = PAPER_SETTINGS.get(settings.pop())
+    if paper is None:
+        return format_table(named)
+    name, numbers = PAPER[paper]
+    table = format_table(named + [(f"MedGround-R1 7B, paper ({name})", numbers)])
+    return table + "".join(f"\n* {note}" for note in [PAPER_NOTES.get(paper)] if note)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures (Pillow only)
+# ----------------------------------------------------------------------------------------------
+def hits_and_misses(rows: list[dict], n: int) -> list[int]:
+    """Indices of up to n rows for a picture: the best and the worst IoUs, alternating.
+
+    >>> hits_and_misses([{"iou": v} for v in (0.1, 0.9, 0.5, 0.0, 0.7)], 4)
+    [1, 3, 4, 0]
+    """
+    order = sorted(range(len(rows)), key=lambda i: -rows[i]["iou"])  # best first, stable
+    n = min(n, len(rows))
+    best, worst = order[: (n + 1) // 2], order[::-1][: n // 2]
+    mixed = [i for pair in zip(best, worst) for i in pair] + best[len(worst):]
+    return mixed
+
+
+def save_examples(samples, rows: list[dict], n: int, path: str | Path, cell: int = 256, cols: int = 4) -> Path:
+    """A PNG grid of n samples, a mix of hits and misses: truth (green), prediction (red), phrase, IoU."""
+    from data import draw_grid
+
+    picked = hits_and_misses(rows, n)
+    path = draw_grid([samples[i] for i in picked], path, pred_boxes=[rows[i]["box"] for i in picked],
+                     cell=cell, cols=cols)
+    with Image.open(path) as grid:
+        grid = grid.convert("RGB")
+    draw = ImageDraw.Draw(grid)
+    row_height = grid.height // max(1, math.ceil(len(picked) / cols))  # the cell plus draw_grid's caption
+    for k, i in enumerate(picked):
+        x, y = (k % cols) * cell, (k // cols) * row_height
+        label = f"IoU {rows[i]['iou']:.2f}" if rows[i]["box"] is not None else "no box"
+        draw.rectangle([x, y, x + 62, y + 13], fill="black")
+        draw.text((x + 3, y + 1), label, fill="white")
+    grid.save(path)
+    return Path(path)
+
+
+def draw_prediction(image: Image.Image, box: Box | None, phrase: str, path: str | Path) -> Path:
+    """The image with the predicted box (red) and, below it, the phrase and the box."""
+    size = max(12, image.width // 45)
+    font, strip = ImageFont.load_default(size=size), round(size * 3.2)  # two lines of text
+    canvas = Image.new("RGB", (image.width, image.height + strip), "white")
+    canvas.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    if box is not None:
+        draw.rectangle(box, outline=PREDICTION, width=max(2, image.width // 250))
+    answer = f"box [{', '.join(f'{v:.0f}' for v in box)}]" if box is not None else "no box in the answer"
+    draw.multiline_text((4, image.height + size // 4), f"{phrase}\n{answer}", fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def _draw_panel(draw, area, title: str, series: dict[str, list[tuple[float, float]]], font):
+    """One line plot inside ``area`` (left, top, right, bottom): axes, 5 ticks each way, a legend."""
+    left, top, right, bottom = area[0] + 56, area[1] + 24, area[2] - 14, area[3] - 34  # the axes' box
+    draw.text((left, area[1] + 5), title, fill="black", font=font)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        draw.text((left + 10, (top + bottom) // 2), "no data in metrics.jsonl", fill="gray", font=font)
+        return
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + max(1.0, abs(y0)) * 0.1)
+    y1 += 0.3 * (y1 - y0)  # headroom above the data for the legend
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (right - left)
+    sy = lambda y: bottom - (y - y0) / (y1 - y0) * (bottom - top)
+    for k in range(5):
+        xv, yv = x0 + k * (x1 - x0) / 4, y0 + k * (y1 - y0) / 4
+        draw.line([sx(xv), bottom, sx(xv), bottom + 4], fill="black")
+        draw.text((sx(xv) - 8, bottom + 6), f"{xv:.0f}", fill="black", font=font)
+        draw.line([left - 4, sy(yv), left, sy(yv)], fill="black")
+        draw.text((area[0] + 2, sy(yv) - 7), f"{yv:.3g}", fill="black", font=font)
+    draw.text(((left + right) // 2 - 12, bottom + 20), "step", fill="black", font=font)
+    for k, (name, pts) in enumerate(series.items()):
+        colour, xy = PALETTE[k % len(PALETTE)], [(sx(x), sy(y)) for x, y in pts]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        if len(xy) <= 30:  # sparse series (held-out evaluations): mark each point
+            for px, py in xy:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+    draw.rectangle([right - 156, top + 2, right - 2, top + 6 + 15 * len(series)], fill="white", outline="gray")
+    for k, name in enumerate(series):  # the legend, over the curves
+        y = top + 10 + 15 * k
+        draw.line([right - 150, y, right - 130, y], fill=PALETTE[k % len(PALETTE)], width=3)
+        draw.text((right - 125, y - 7), name, fill="black", font=font)
+
+
+def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
+    """Training curves from ``RUN_DIR/metrics.jsonl`` in one PNG (2 x 2 panels, 960 x 640)."""
+    run_dir = Path(run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+    def series(key):  # (step, value) sorted by step; a resumed run's repeated steps keep the last value
+        by_step = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float)) and "step" in r}
+        return sorted(by_step.items())
+
+    reward_keys = ["reward"] + sorted({k for r in records for k in r if k.startswith("reward/")})
+    panels = [("reward by component (mean per completion)", {k: series(k) for k in reward_keys}),
+              ("KL to the reference (k3, token mean)", {"kl": series("kl")}),
+              ("completion length (tokens)", {"completion_length": series("completion_length")}),
+              ("held-out evaluation (%)", {"Acc@0.5": series("eval/acc@0.5"), "mIoU": series("eval/miou")})]
+    canvas = Image.new("RGB", (960, 640), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
+    for k, (title, data) in enumerate(panels):
+        x, y = (k % 2) * 480, (k // 2) * 320
+        _draw_panel(draw, (x, y, x + 480, y + 320), title, {n: s for n, s in data.items() if s}, font)
+    path = Path(path) if path is not None else run_dir / "curves.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def write_results(out: Path, rows: list[dict] | None, metrics: dict):
+    out.mkdir(parents=True, exist_ok=True)
+    if rows is not None:
+        with open(out / "predictions.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(metrics_table(metrics))
+    print(f"wrote {out / 'metrics.json'}" + (f" and {out / 'predictions.jsonl'}" if rows is not None else ""))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a grounding model: Acc@0.3/0.5/0.7 and mIoU (percent).",
+                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--predictions", metavar="FILE", help="score a prediction file (ours or a MedGround-R1 / "
+                      "VLM-R1 log) without a model")
+    mode.add_argument("--compare", nargs="+", metavar="METRICS", help="print metrics.json files side by side")
+    mode.add_argument("--plot-run", metavar="RUN_DIR", help="draw RUN_DIR/metrics.jsonl's training curves")
+    mode.add_argument("--image", metavar="FILE", help="predict one image (with --phrase); writes prediction.png")
+    p.add_argument("--phrase", help="the referring phrase for --image")
+    p.add_argument("--paper", choices=sorted(PAPER), help="--compare: add the paper's row for this dataset")
     p.add_argument("--model", default="tiny", help="model folder, or 'tiny' (the cached warm-started demo model)")
-    p.add_argument("--dataset", default="synthetic", choices=DATASETS, help="dataset name")
+    p.add_argument("--dataset", default="synthetic", help="dataset name (see data.DATASETS)")
     p.add_argument("--data-root", default=None, help="dataset folder (real datasets)")
     p.add_argument("--image-root", default=None, help="image folder (default: --data-root)")
     p.add_argument("--split", default="test", help="train, val or test")
@@ -57,25 +367,73 @@ def main(argv=None):
     p.add_argument("--template", default="chain-of-box", help="chain-of-box, plain, or a text file with {question}")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer decoded")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--min-pixels", type=int, default=None, help="processor's minimum image area in pixels")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help=f"processor's maximum image area (default: {DEFAULT_MAX_PIXELS}; 'tiny' keeps its own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data / the tiny model")
-    p.add_argument("--output-dir", default="runs/eval", help="where predictions.jsonl and metrics.json go")
+    p.add_argument("--save-vis", type=int, default=0, metavar="N", help="write examples.png: N samples, hits "
+                   "and misses, truth green, prediction red")
+    p.add_argument("--output-dir", default=None, help="where results go (default: runs/eval; RUN_DIR for --plot-run)")
     args = p.parse_args(argv)
+    if args.image and not args.phrase:
+        p.error("--image needs --phrase")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.output_dir or (args.plot_run if args.plot_run else "runs/eval"))
+
+    # ------------------------------------------------------------------ no model needed
+    if args.plot_run:
+        print("wrote", plot_run(args.plot_run, out / "curves.png"))
+        return 0
+    if args.compare:
+        print(compare_table(args.compare, args.paper))
+        return 0
+    if args.predictions:
+        rows, kind = load_predictions(args.predictions)
+        print(f"{args.predictions}: detected format: {kind}; {len(rows)} records")
+        same_file = (out / "predictions.jsonl").resolve() == Path(args.predictions).resolve()
+        write_results(out, None if same_file else rows, {"source": str(args.predictions), **metrics_of(rows)})
+        return 0
+
+    # ------------------------------------------------------------------ the model
+    from data import DATASETS, load_dataset, to_rgb8
+    from grpo_min.models import load_model, resolve_dtype, resolve_model_path
+
+    if not args.image and args.dataset not in DATASETS:  # fail before loading a large model
+        raise SystemExit(f"--dataset {args.dataset!r}: expected one of {', '.join(DATASETS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    max_pixels = args.max_pixels
+    if max_pixels is None and args.model != "tiny":  # the same rule as train.py's demo preset
+        max_pixels = DEFAULT_MAX_PIXELS
     model, processor, frame = load_model(resolve_model_path(args.model, args.seed),
-                                         dtype=resolve_dtype(args.dtype, device), device=device)
+                                         dtype=resolve_dtype(args.dtype, device), device=device,
+                                         min_pixels=args.min_pixels, max_pixels=max_pixels)
+    template = load_template(args.template)
+
+    if args.image:
+        with Image.open(args.image) as f:
+            image = to_rgb8(f.copy())
+        [(text, box)] = decode_boxes(model, processor, [image], [args.phrase], [image.size], template, frame,
+                                     args.max_new_tokens, device)
+        print(f"answer:\n{text}\n")
+        print(f"box (original pixels, x1 y1 x2 y2): {list(box) if box is not None else 'none: no box in the answer'}")
+        print("wrote", draw_prediction(image, box, args.phrase, out / "prediction.png"))
+        return 0
+
     samples = load_dataset(args.dataset, args.split, data_root=args.data_root, image_root=args.image_root,
                            seed=args.seed, limit=args.limit)
-    rows = predict(model, processor, samples, load_template(args.template), frame, args.batch_size,
-                   args.max_new_tokens, device=device)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    metrics = metrics_of(rows)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(json.dumps(metrics))
+    samples = [samples[i] for i in range(len(samples) if args.limit is None else min(args.limit, len(samples)))]
+    rows = predict(model, processor, samples, template, frame, args.batch_size, args.max_new_tokens, device=device)
+    metrics = {"model": args.model, "dataset": args.dataset, "split": args.split, "template": args.template,
+               **metrics_of(rows)}
+    if args.save_vis:
+        print("wrote", save_examples(samples, rows, args.save_vis, out / "examples.png"))
+    write_results(out, rows, metrics)
+    return 0
 
 
 if __name__ == "__main__":
