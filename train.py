@@ -342,6 +342,10 @@ def main(argv=None):
                   "completion_tokens": int(summed["completion_tokens"]),
                   "generate_s": round(t_gen, 3), "step_time_s": round(time.time() - t0, 3),
                   "lr": scheduler.get_last_lr()[0], "skipped_update": skipped}
+        if dist.world_size() > 1 and not cfg.fsdp:  # DDP: every rank must hold the same weights; check it
+            checksum = dist.all_gather_cat(torch.stack([p.detach().double().sum() for p in policy.parameters()])
+                                           .sum().reshape(1).to(device))
+            record["replica_divergence"] = (checksum.max() - checksum.min()).item()
         if cfg.eval_steps and ((step + 1) % cfg.eval_steps == 0 or step + 1 == total_steps):
             metrics, rows = evaluate_split(raw, processor, val_set, template, frame, cfg, device)
             record.update({"eval/acc@0.5": metrics["acc@0.5"], "eval/miou": metrics["miou"],

@@ -1,0 +1,155 @@
+"""Scale-out and resume: DDP on 2 CPU ranks (gloo), exact resume, SIGTERM, bad checkpoints, NaN steps."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"step_time_s", "generate_s"}
+
+
+def small_run(model_dir, out_dir, *extra):
+    return ["train.py", "--model", str(model_dir), "--batch-size", "2", "--num-generations", "4",
+            "--max-completion-length", "16", "--eval-steps", "0", "--eval-limit", "4", "--learning-rate", "1e-3",
+            "--beta", "0.04", "--output-dir", str(out_dir), *extra]
+
+
+def run(args, nproc=1, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    result = subprocess.run(launcher + args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, **kw)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def weights(folder):
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def metrics(folder):
+    return [json.loads(l) for l in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(line):
+    return {k: v for k, v in line.items() if k not in TIMING}
+
+
+def straight(model_dir, out, nproc):
+    """4 steps straight, checkpoints at steps 2 and 4."""
+    run(small_run(model_dir, out, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3"), nproc=nproc)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight1(tiny_model_dir, tmp_path_factory):
+    return straight(tiny_model_dir, tmp_path_factory.mktemp("straight1"), nproc=1)
+
+
+@pytest.fixture(scope="module")
+def straight2(tiny_model_dir, tmp_path_factory):
+    return straight(tiny_model_dir, tmp_path_factory.mktemp("straight2"), nproc=2)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_is_exact(nproc, request, tiny_model_dir, tmp_path):
+    """4 steps straight == 2 steps + resume + 2 steps: same final weights, same metrics lines."""
+    first = request.getfixturevalue(f"straight{nproc}")
+    assert (first / "checkpoint-2" / "COMPLETE").exists() and (first / "checkpoint-4").exists()
+    resumed = tmp_path / "resumed"
+    run(small_run(tiny_model_dir, resumed, "--max-steps", "4", "--resume", str(first / "checkpoint-2")),
+        nproc=nproc)
+    assert max_diff(weights(first / "final"), weights(resumed / "final")) <= 1e-6
+    assert [without_timing(l) for l in metrics(first)[2:]] == [without_timing(l) for l in metrics(resumed)]
+
+
+def test_ddp_ranks_agree_and_metrics_are_global(straight2):
+    for line in metrics(straight2):
+        assert line["replica_divergence"] == 0.0  # identical weights on both ranks after every step
+        # Statistics are reduced over ranks: 2 ranks x 2 prompts x 4 completions.
+        assert line["completion_tokens"] == pytest.approx(line["completion_length"] * 2 * 2 * 4)
+    state = json.loads((straight2 / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["data_position"] == 2 * 2 * 2
+    assert (straight2 / "checkpoint-2" / "rng_state_rank1.pt").exists()
+
+
+def test_sigterm_saves_and_resumes_to_the_same_result(straight1, tiny_model_dir, tmp_path):
+    out = tmp_path / "preempted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable] + small_run(tiny_model_dir, out, "--max-steps", "4"), cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be interrupted"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "Preempted" in output and "--resume auto" in output
+    saved = [p for p in out.glob("checkpoint-*") if (p / "COMPLETE").exists()]
+    assert len(saved) == 1 and not (out / "final").exists()
+    run(small_run(tiny_model_dir, out, "--max-steps", "4", "--resume", "auto"))
+    assert max_diff(weights(straight1 / "final"), weights(out / "final")) <= 1e-6
+    assert [l["step"] for l in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_corrupt_or_half_written_checkpoints_are_refused(straight1, tiny_model_dir, tmp_path):
+    straight = straight1
+    half = tmp_path / "checkpoint-9.tmp"
+    shutil.copytree(straight / "checkpoint-2", half)
+    (half / "COMPLETE").unlink()
+    no_marker = tmp_path / "checkpoint-8"
+    shutil.copytree(half, no_marker)
+    truncated = tmp_path / "checkpoint-7"
+    shutil.copytree(straight / "checkpoint-2", truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for path, message in ((no_marker, "not a complete checkpoint"), (truncated, "cannot read checkpoint")):
+        result = subprocess.run([sys.executable] + small_run(tiny_model_dir, tmp_path / "x", "--resume", str(path)),
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    from grpo_min.checkpoint import complete_checkpoints
+
+    assert complete_checkpoints(tmp_path) == [truncated]  # marker present: only a full read catches it
+    assert complete_checkpoints(straight) == [straight / "checkpoint-2", straight / "checkpoint-4"]
+
+
+def test_non_finite_updates_are_skipped_then_the_run_stops(tiny_model_dir, tmp_path, monkeypatch):
+    import train
+
+    real_loss = train.grpo_loss
+
+    def nan_loss(*args, **kw):
+        loss, stats = real_loss(*args, **kw)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(train, "grpo_loss", nan_loss)
+    start = {k: v.clone() for k, v in weights(tiny_model_dir).items()}
+    out = tmp_path / "nan"
+    code = train.main(small_run(tiny_model_dir, out, "--max-steps", "6", "--max-bad-steps", "2",
+                                "--save-steps", "1")[1:])
+    assert code == 1
+    lines = metrics(out)
+    assert [l["skipped_update"] for l in lines] == [True, True]
+    assert not (out / "final").exists()
+    # Nothing was applied: the checkpoint written after the first (skipped) step holds the start weights.
+    assert max_diff(start, weights(out / "checkpoint-1")) == 0.0
+
+
+def test_resuming_with_other_options_warns_and_names_them(straight1, tiny_model_dir, tmp_path):
+    result = run(small_run(tiny_model_dir, tmp_path / "r", "--max-steps", "4", "--epsilon", "0.3",
+                           "--resume", str(straight1 / "checkpoint-4")))
+    assert "resuming with a different configuration" in result.stdout
+    assert "--epsilon was 0.2, now 0.3" in result.stdout and "--learning-rate" not in result.stdout
