@@ -13,17 +13,32 @@ distractor. Phrases use radiological laterality: the patient's left is on the im
     >>> s = ds[0]; s.text, s.box            # doctest: +SKIP
     ('small nodule in the left lower zone', (151.0, 160.0, 163.0, 172.0))
 
-Run ``python data.py --help`` to inspect or export a dataset.
+Real datasets are read exactly as they sit on disk after the official download (the formats:
+/work/shared/docs/DATASETS.md; layouts and commands: docs/DATASETS_USAGE.md): ``ms-cxr``, ``medrpg``,
+``chestx-ray8``, ``m3d-refseg`` and the generic ``jsonl``. Their records hold an image *path*; a
+malformed row is skipped and counted (``.skipped``), a missing root or file stops with a
+DatasetError that says what was expected, where, and where to get it, and ``check_images`` finds
+missing or unreadable images before training starts.
+
+    >>> ds = load_dataset("ms-cxr", "train", data_root="ms-cxr/1.1.0",
+    ...                   image_root="mimic-cxr-jpg/2.1.0")  # doctest: +SKIP
+
+Run ``python data.py --help`` to inspect, picture or export a dataset.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import math
+import os
+import re
+import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
 
 import numpy as np
@@ -315,17 +330,868 @@ def phrase_only_baseline(train: Sequence[Sample], test: Sequence[Sample]) -> lis
 
 
 # ----------------------------------------------------------------------------------------------
+# Real datasets: what they share (errors, skipped rows, boxes, image paths, splits)
+# ----------------------------------------------------------------------------------------------
+SPLITS = ("train", "val", "test")
+SEEDED_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test where a dataset has no official split
+BOX_TOLERANCE = 1.0  # pixels a box may overshoot the image (rounding in the annotations); it is clipped
+MULTI_BOX = ("union", "separate", "drop")  # what to do with a phrase that has several boxes
+
+WHERE_TO_GET = {
+    "ms-cxr": "PhysioNet, https://physionet.org/content/ms-cxr/ (credentialed access); its images are "
+              "MIMIC-CXR-JPG, https://physionet.org/content/mimic-cxr-jpg/",
+    "medrpg": "MedRPG, https://github.com/eraserNut/MedRPG (data/MS_CXR/MS_CXR_{train,val,test}.pth; its 640 x 640 "
+              "JPGs go in ln_data/MS_CXR/), or MedGround-R1's JSON, https://github.com/bio-mlhui/MedGround-R1",
+    "chestx-ray8": "NIH, https://nihcc.app.box.com/v/ChestXray-NIHCC, or Kaggle's 'NIH Chest X-rays', "
+                   "https://www.kaggle.com/datasets/nih-chest-xrays/data",
+    "m3d-refseg": "Hugging Face, https://huggingface.co/datasets/GoodBaiBai88/M3D-RefSeg (unzip M3D_RefSeg.zip "
+                  "next to the CSVs)",
+    "jsonl": "your own data, in the format of docs/DATASETS_USAGE.md (`python data.py --export` converts any dataset)",
+}
+
+
+class DatasetError(Exception):
+    """A dataset cannot be read at all: a missing root, file or column. The message says what was
+    expected, where it was looked for, and where the dataset is obtained."""
+
+
+def _not_found(dataset: str, expected: str, looked_in: Sequence[Path], note: str = "") -> DatasetError:
+    places = ", ".join(str(p) for p in looked_in)
+    return DatasetError(f"{dataset}: expected {expected}; looked in {places}{note}. "
+                        f"Obtain the dataset from {WHERE_TO_GET[dataset]}.")
+
+
+def _root(dataset: str, data_root: str | Path | None, expected: str) -> Path:
+    """``--data-root`` as a Path, or a DatasetError naming what it should hold."""
+    if data_root is None:
+        raise DatasetError(f"{dataset}: --data-root is required (the folder holding {expected}). "
+                           f"Obtain the dataset from {WHERE_TO_GET[dataset]}.")
+    root = Path(data_root).expanduser()
+    if not root.exists():
+        raise _not_found(dataset, expected, [root], note=" (it does not exist)")
+    return root
+
+
+class _BadRow(ValueError):
+    """A malformed annotation row: skipped and counted under ``reason``; ``detail`` goes in the examples."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class SkipReport:
+    """What loading left out: a count per reason, and the first few cases with where they are."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    rescaled: int = 0  # check_images: boxes rescaled to the size of the image on disk
+
+    def add(self, reason: str, where: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        """One line, e.g. '3 skipped: 2 box outside the image, 1 unparseable number'."""
+        if not self.total:
+            return "nothing skipped"
+        return f"{self.total} skipped: " + ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
+
+    def __str__(self) -> str:
+        lines = [self.summary()] + [f"  e.g. {e}" for e in self.examples]
+        if self.rescaled:
+            lines.append(f"  {self.rescaled} boxes rescaled to the size of their image on disk")
+        return "\n".join(lines)
+
+
+class SampleList(list):
+    """One split of a real dataset: a plain list of Sample, plus ``skipped`` (a SkipReport: the rows
+    left out and why) and ``source`` (the annotation file read)."""
+
+    def __init__(self, samples: Sequence[Sample] = (), skipped: SkipReport | None = None, source: str = ""):
+        super().__init__(samples)
+        self.skipped = skipped if skipped is not None else SkipReport()
+        self.source = source
+
+
+@dataclass
+class _Row:
+    """One parsed and checked box of a real dataset, before splitting and grouping into samples."""
+
+    image: Path
+    text: str
+    box: Box  # (x1, y1, x2, y2), original pixels, inside the image
+    width: int
+    height: int
+    category: str | None
+    id: str  # stable id of the sample this row belongs to
+    split: str | None  # the file's own split, when it has one
+    group: str  # what a seeded split keeps together: a patient, an image
+    where: str  # file and line, for messages
+
+    def sample(self, box: Box | None = None, id: str | None = None) -> Sample:
+        return Sample(id=id or self.id, image=str(self.image), text=self.text, box=box or self.box,
+                      width=self.width, height=self.height, category=self.category)
+
+
+def _number(value, name: str) -> float:
+    """A finite float from a CSV / JSON field, or a _BadRow."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise _BadRow("unparseable number", f"{name}={value!r}") from None
+    if not math.isfinite(v):
+        raise _BadRow("unparseable number", f"{name}={value!r}")
+    return v
+
+
+def _checked_box(x: float, y: float, w: float, h: float, width: float, height: float) -> Box:
+    """(x1, y1, x2, y2) from a top-left corner and a size, checked against the image, then clipped to it.
+
+    >>> _checked_box(10, 20, 30, 40, width=100, height=100)
+    (10.0, 20.0, 40.0, 60.0)
+    >>> _checked_box(90, 20, 30, 40, width=100, height=100)
+    Traceback (most recent call last):
+    data._BadRow: box outside the image
+    """
+    if width <= 0 or height <= 0:
+        raise _BadRow("image size zero or negative", f"{width:g} x {height:g}")
+    if w <= 0 or h <= 0:
+        raise _BadRow("box of zero or negative size", f"w={w:g}, h={h:g}")
+    x1, y1, x2, y2 = x, y, x + w, y + h
+    if x1 < -BOX_TOLERANCE or y1 < -BOX_TOLERANCE or x2 > width + BOX_TOLERANCE or y2 > height + BOX_TOLERANCE \
+            or x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+        raise _BadRow("box outside the image", f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}] in {width:g} x {height:g}")
+    return (max(0.0, float(x1)), max(0.0, float(y1)), min(float(width), float(x2)), min(float(height), float(y2)))
+
+
+def _split_value(value) -> str | None:
+    """A row's own split ('train' / 'val' / 'test'), None when the row has none."""
+    if value is None or str(value).strip() == "":
+        return None
+    split = str(value).strip().lower()
+    if split not in SPLITS:
+        raise _BadRow("unknown split value", repr(value))
+    return split
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+def _resolve_image(rel: str, roots: Sequence[Path]) -> Path:
+    """Where the image listed as ``rel`` is: the first existing ``root/rel``, trying ``rel`` with and
+    without a leading ``files/`` (MIMIC-CXR-JPG roots are kept both ways). When none exists, the first
+    candidate: check_images() then reports it as missing, with the path it expected."""
+    if Path(rel).is_absolute():
+        return Path(rel)
+    rel = PurePosixPath(rel.replace("\\", "/")).as_posix()
+    variants = [rel, rel[len("files/"):]] if rel.startswith("files/") else [rel, "files/" + rel]
+    candidates = [root / v for root in roots for v in (variants[::-1] if root.name == "files" else variants)]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def seeded_split(keys, seed: int, fractions: tuple[float, float, float] = SEEDED_FRACTIONS) -> dict[str, str]:
+    """Assign each key (an image, a patient, a case) to 'train', 'val' or 'test', reproducibly.
+
+    The keys are sorted, then shuffled with ``seed``: the assignment depends on the set of keys and
+    the seed only, never on file order. With 3 keys or more, a split with a nonzero fraction gets at
+    least one key.
+
+    >>> sorted(seeded_split([f"img{i}" for i in range(10)], seed=0).values())
+    ['test', 'test', 'train', 'train', 'train', 'train', 'train', 'train', 'train', 'val']
+    """
+    keys = sorted(set(keys))
+    n = len(keys)
+    n_val, n_test = (max(1, round(n * f)) if f > 0 and n >= 3 else round(n * f) for f in fractions[1:])
+    names = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_val - n_test)
+    order = np.random.default_rng(seed).permutation(n)
+    return {keys[i]: names[k] for k, i in enumerate(order)}
+
+
+def _rows_in_split(rows: list[_Row], split: str, seed: int, skipped: SkipReport) -> list[_Row]:
+    """The rows of one split: the file's own split when it has one, else a seeded split of the rows'
+    groups (``seeded_split``). No image lands in two splits: a row whose split differs from the one its
+    image already has is skipped."""
+    if not any(r.split for r in rows):
+        split_of = seeded_split([r.group for r in rows], seed)
+        return [r for r in rows if split_of[r.group] == split]
+    split_of_image: dict[Path, str] = {}
+    out = []
+    for r in rows:
+        if r.split is None:
+            skipped.add("no split value", r.where)
+            continue
+        first = split_of_image.setdefault(r.image, r.split)
+        if r.split != first:
+            skipped.add("image already in another split", r.where, f"{r.image.name} is in {first}")
+        elif r.split == split:
+            out.append(r)
+    return out
+
+
+def _union(boxes: Sequence[Box]) -> Box:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def _pair_samples(rows: list[_Row], multi_box: str, skipped: SkipReport) -> list[Sample]:
+    """One sample per (image, phrase); a phrase with several boxes is handled as ``multi_box`` says:
+    'union' (one sample, the union box), 'separate' (one sample per box) or 'drop' (skipped)."""
+    pairs: dict[tuple[Path, str], list[_Row]] = {}
+    for r in rows:
+        pairs.setdefault((r.image, r.text), []).append(r)
+    samples = []
+    for group in pairs.values():
+        first, boxes = group[0], list(dict.fromkeys(r.box for r in group))  # a repeated box counts once
+        if len(boxes) == 1 or multi_box == "union":
+            samples.append(first.sample(box=_union(boxes)))
+        elif multi_box == "separate":
+            samples += [first.sample(box=b, id=f"{first.id}-b{j}") for j, b in enumerate(boxes)]
+        else:
+            skipped.add("phrase with several boxes dropped (multi_box='drop')", first.where, f"{len(boxes)} boxes")
+    return samples
+
+
+# ----------------------------------------------------------------------------------------------
+# MS-CXR (PhysioNet): CSV v1.1.0 / v1.0.0 or COCO-style JSON, images from MIMIC-CXR-JPG
+# ----------------------------------------------------------------------------------------------
+MS_CXR_FILES = ("MS_CXR_Local_Alignment_v1.1.0.csv", "MS_CXR_Local_Alignment_v1.1.0.json",
+                "MS_CXR_Local_Alignment_v1.0.0.csv", "MS_CXR_Local_Alignment_v1.0.0.json")
+MS_CXR_COLUMNS = ("dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height")
+
+
+def load_ms_cxr(split: str, data_root, image_root=None, *, seed: int = 0, multi_box: str = "union") -> SampleList:
+    """MS-CXR image-phrase pairs, boxes in original MIMIC-CXR-JPG pixels.
+
+    ``data_root`` holds one of MS_CXR_FILES (the first found wins, v1.1.0 first) or is that file.
+    ``image_root`` (default: ``data_root``) is the MIMIC-CXR-JPG root, with or without its leading
+    ``files/``: an image is ``<image_root>/files/p10/p10000032/s50414267/<dicom_id>.jpg``.
+
+    Splits: v1.1.0's ``split`` column (official, patient-level). v1.0.0 has none: a seeded 70/10/20
+    split by *patient* (the ``pXXXXXXXX`` folder of the path), so no image and no patient is in two splits.
+
+    Several boxes for one phrase (about 1,448 boxes for 1,162 pairs, e.g. "bilateral effusions"): the
+    task and its metrics are one box per phrase, so by default (``multi_box='union'``) the boxes of a
+    pair merge into their union box: every pair is kept and the target covers all that the phrase
+    describes. 'separate' gives one sample per box (the same prompt then has several targets, so even a
+    perfect model loses reward); 'drop' skips such pairs, as MedRPG's split did.
+    """
+    root = _root("ms-cxr", data_root, " or ".join(MS_CXR_FILES[::2]))
+    file = root if root.is_file() else next((root / n for n in MS_CXR_FILES if (root / n).is_file()), None)
+    if file is None:
+        raise _not_found("ms-cxr", " or ".join(MS_CXR_FILES), [root])
+    roots = [Path(image_root).expanduser() if image_root else file.parent]
+    skipped = SkipReport()
+    rows = (_ms_cxr_json_rows if file.suffix == ".json" else _ms_cxr_csv_rows)(file, roots, skipped)
+    rows = _rows_in_split(rows, split, seed, skipped)
+    return SampleList(_pair_samples(rows, multi_box, skipped), skipped, str(file))
+
+
+def _ms_cxr_row(where: str, path: str, text: str, category: str | None, xywh, size, split, roots,
+                resolved: dict[str, Path]) -> _Row:
+    if not text or not text.strip():
+        raise _BadRow("empty phrase")
+    width, height = (_number(v, n) for v, n in zip(size, ("image_width", "image_height")))
+    x, y, w, h = (_number(v, n) for v, n in zip(xywh, "xywh"))
+    box = _checked_box(x, y, w, h, width, height)
+    if path not in resolved:
+        resolved[path] = _resolve_image(path, roots)
+    dicom_id = PurePosixPath(path).stem
+    patient = re.search(r"(?:^|/)(p\d+)/s\d+/", path)
+    return _Row(image=resolved[path], text=text.strip(), box=box, width=round(width), height=round(height),
+                category=category or None, id=f"{dicom_id}-{_short_hash(text.strip())}", split=_split_value(split),
+                group=patient.group(1) if patient else dicom_id, where=where)
+
+
+def _ms_cxr_csv_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list[_Row]:
+    rows, resolved = [], {}
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MS_CXR_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(f"ms-cxr: {file} lacks the column(s) {', '.join(missing)}; expected the header "
+                               f"{','.join(MS_CXR_COLUMNS)}[,split]. Obtain the dataset from {WHERE_TO_GET['ms-cxr']}.")
+        for raw in reader:
+            where = f"{file.name} line {reader.line_num}"
+            try:
+                if any(raw.get(c) is None for c in MS_CXR_COLUMNS):
+                    raise _BadRow("missing columns", f"{sum(v is not None for v in raw.values())} fields")
+                rows.append(_ms_cxr_row(where, raw["path"], raw["label_text"], raw["category_name"],
+                                        [raw[c] for c in "xywh"], (raw["image_width"], raw["image_height"]),
+                                        raw.get("split"), roots, resolved))
+            except _BadRow as e:
+                skipped.add(e.reason, where, e.detail)
+    return rows
+
+
+def _ms_cxr_json_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list[_Row]:
+    """COCO-style: several image ids may name one file, so rows are keyed on the image's ``path``."""
+    data = json.loads(file.read_text(encoding="utf-8"))
+    images = {im.get("id"): im for im in data.get("images", [])}
+    categories = {c.get("id"): c.get("name") for c in data.get("categories", [])}
+    rows, resolved = [], {}
+    for k, ann in enumerate(data.get("annotations", [])):
+        where = f"{file.name} annotations[{k}]"
+        try:
+            image = images.get(ann.get("image_id"))
+            if image is None:
+                raise _BadRow("image_id not among the images", repr(ann.get("image_id")))
+            path, bbox = image.get("path") or image.get("file_name"), ann.get("bbox")
+            if not path or not isinstance(bbox, list) or len(bbox) != 4:
+                raise _BadRow("missing columns", "path" if not path else "bbox")
+            rows.append(_ms_cxr_row(where, path, ann.get("label_text") or "", categories.get(ann.get("category_id")),
+                                    bbox, (image.get("width"), image.get("height")),
+                                    ann.get("split", image.get("split")), roots, resolved))
+        except _BadRow as e:
+            skipped.add(e.reason, where, e.detail)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# MedRPG's split of MS-CXR (what MedGround-R1 reports on): .pth lists, or VLM-R1-style JSON
+# ----------------------------------------------------------------------------------------------
+MEDRPG_SIZE = 640  # MedRPG's JPGs are stretched to 640 x 640, and its boxes are in that space
+MEDRPG_CATEGORIES = {1: "Cardiomegaly", 2: "Lung Opacity", 3: "Edema", 4: "Consolidation", 5: "Pneumonia",
+                     6: "Atelectasis", 7: "Pneumothorax", 8: "Pleural Effusion"}  # MedRPG's category ids
+_QUESTION_WRAPPER = re.compile(r"^.*?\bdescribes\s*:\s*", re.IGNORECASE | re.DOTALL)
+
+
+def phrase_from_question(problem: str) -> str:
+    """The referring phrase inside a VLM-R1-style question, so that our template wraps it only once.
+
+    Removes ``<image>`` tokens and MedGround-R1's wrapper ("... this sentence describes: <phrase>.");
+    for another wording, keeps what follows the last ': '. A trailing period is dropped.
+
+    >>> phrase_from_question("<image>Please provide the bounding box coordinate of the region this "
+    ...                      "sentence describes: small left apical pneumothorax.")
+    'small left apical pneumothorax'
+    >>> phrase_from_question("Locate this finding: right basal opacity")
+    'right basal opacity'
+    """
+    text = problem.replace("<image>", " ").strip()
+    wrapper = _QUESTION_WRAPPER.match(text)
+    if wrapper:
+        text = text[wrapper.end():]
+    elif ": " in text:
+        text = text.rsplit(": ", 1)[1]
+    return text.strip().rstrip(".").strip()
+
+
+def load_medrpg(split: str, data_root, image_root=None) -> SampleList:
+    """MedRPG's MS-CXR split (638 / 85 / 167), from ``MS_CXR_{split}.pth`` or MedGround-R1's ``{split}.json``.
+
+    ``data_root`` is MedRPG's repository (the file is looked for in it, in ``data/MS_CXR/`` and in
+    ``MS_CXR/``; a .pth file wins over a .json). The .pth lists are read with
+    ``torch.load(weights_only=True)``: plain lists, tuples, numbers and strings, never arbitrary pickles.
+
+    Boxes are in the space of MedRPG's 640 x 640 *stretched* JPGs, so a record's image is that JPG,
+    ``<image_root>/ln_data/MS_CXR/files/...`` (also tried: ``<image_root>/MS_CXR/...``, ``<image_root>/...``),
+    and its width and height are 640. If the image found is the original MIMIC-CXR-JPG file instead,
+    check_images() rescales the box to its size (IoU does not change under such a per-axis scaling).
+    """
+    root = _root("medrpg", data_root, f"MS_CXR_{split}.pth")
+    root = root.parent if root.is_file() else root
+    folders = [root, root / "data" / "MS_CXR", root / "MS_CXR"]
+    names = (f"MS_CXR_{split}.pth", f"{split}.json")
+    file = next((d / n for n in names for d in folders if (d / n).is_file()), None)
+    if file is None:
+        raise _not_found("medrpg", f"{names[0]} (MedRPG) or {names[1]} (MedGround-R1)", folders)
+    base = Path(image_root).expanduser() if image_root else root
+    roots = [base / "ln_data" / "MS_CXR", base / "MS_CXR", base]
+    skipped = SkipReport()
+    rows = (_medrpg_pth_rows if file.suffix == ".pth" else _medrpg_json_rows)(file, roots, skipped)
+    return SampleList([r.sample() for r in rows], skipped, str(file))
+
+
+def _medrpg_row(where: str, id: str, img_file, x1y1x2y2, text, category, roots, resolved) -> _Row:
+    if not isinstance(img_file, str) or not img_file:
+        raise _BadRow("missing columns", "image path")
+    if not isinstance(text, str) or not text.strip():
+        raise _BadRow("empty phrase")
+    x1, y1, x2, y2 = (_number(v, "box") for v in x1y1x2y2)
+    box = _checked_box(x1, y1, x2 - x1, y2 - y1, MEDRPG_SIZE, MEDRPG_SIZE)
+    if img_file not in resolved:
+        resolved[img_file] = _resolve_image(img_file, roots)
+    return _Row(image=resolved[img_file], text=text.strip(), box=box, width=MEDRPG_SIZE, height=MEDRPG_SIZE,
+                category=category, id=id, split=None, group=img_file, where=where)
+
+
+def _medrpg_pth_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list[_Row]:
+    """Entries ``(anno_id, image_id, category_id, img_file, (x, y, w, h), orig_w, orig_h, phrase)``."""
+    import torch
+
+    try:
+        entries = torch.load(file, weights_only=True)
+    except Exception as e:  # an UnpicklingError names what was refused
+        raise DatasetError(f"medrpg: {file} cannot be read with torch.load(weights_only=True) (only plain lists, "
+                           f"tuples, numbers and strings are accepted; nothing else is unpickled): {e}") from None
+    if not isinstance(entries, (list, tuple)):
+        raise DatasetError(f"medrpg: {file} holds a {type(entries).__name__}, expected a list of entries "
+                           f"(anno_id, image_id, category_id, img_file, (x, y, w, h), width, height, phrase)")
+    rows, resolved = [], {}
+    for k, entry in enumerate(entries):
+        where = f"{file.name}[{k}]"
+        try:
+            if not isinstance(entry, (list, tuple)) or len(entry) < 8:
+                raise _BadRow("missing columns", f"{len(entry) if isinstance(entry, (list, tuple)) else 0} fields of 8")
+            anno_id, _, category_id, img_file, xywh, _, _, phrase = entry[:8]
+            if not isinstance(xywh, (list, tuple)) or len(xywh) != 4:
+                raise _BadRow("missing columns", "box is not (x, y, w, h)")
+            x, y, w, h = (_number(v, "box") for v in xywh)
+            rows.append(_medrpg_row(where, f"medrpg-{anno_id}", img_file, (x, y, x + w, y + h), phrase,
+                                    MEDRPG_CATEGORIES.get(int(category_id)) if isinstance(category_id, int) else None,
+                                    roots, resolved))
+        except _BadRow as e:
+            skipped.add(e.reason, where, e.detail)
+    return rows
+
+
+def _medrpg_json_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list[_Row]:
+    """VLM-R1 style: ``[{"image", "problem" (a full question), "solution": [x1, y1, x2, y2]}, ...]``."""
+    entries = json.loads(file.read_text(encoding="utf-8"))
+    if not isinstance(entries, list):
+        raise DatasetError(f"medrpg: {file} holds a {type(entries).__name__}, expected a list of "
+                           '{"image": ..., "problem": ..., "solution": [x1, y1, x2, y2]}')
+    rows, resolved = [], {}
+    for k, entry in enumerate(entries):
+        where = f"{file.name}[{k}]"
+        try:
+            if not isinstance(entry, dict) or not all(key in entry for key in ("image", "problem", "solution")):
+                raise _BadRow("missing columns", "needs image, problem, solution")
+            box = entry["solution"]
+            if not isinstance(box, list) or len(box) != 4:
+                raise _BadRow("missing columns", "solution is not [x1, y1, x2, y2]")
+            rows.append(_medrpg_row(where, f"{file.stem}-{k}", entry["image"], box,
+                                    phrase_from_question(str(entry["problem"])), None, roots, resolved))
+        except _BadRow as e:
+            skipped.add(e.reason, where, e.detail)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# ChestX-ray8 (NIH ChestX-ray14's boxes)
+# ----------------------------------------------------------------------------------------------
+CHESTXRAY8_FILE = "BBox_List_2017.csv"
+CHESTXRAY8_SIZE = 1024  # every PNG is 1024 x 1024; check_images() rescales a box if one is not
+# label in BBox_List_2017.csv -> the phrase the model is asked to ground
+CHESTXRAY8_PHRASES = {"Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly", "Effusion": "pleural effusion",
+                      "Infiltrate": "infiltration", "Mass": "mass", "Nodule": "nodule", "Pneumonia": "pneumonia",
+                      "Pneumothorax": "pneumothorax"}
+
+
+def load_chestxray8(split: str, data_root, image_root=None, *, seed: int = 0, multi_box: str = "union") -> SampleList:
+    """ChestX-ray8's 984 boxes on 880 images: phrase = the finding (CHESTXRAY8_PHRASES), boxes in PNG pixels.
+
+    ``data_root`` holds ``BBox_List_2017.csv`` (or is that file). Its header, ``Image Index,Finding
+    Label,Bbox [x,y,w,h],,,``, splits the box header into four fields followed by empty ones: each row
+    is read by position (file name, label, x, y, w, h). Images are found by file name anywhere below
+    ``image_root`` (default: ``data_root``): NIH's ``images_001/images/...`` or one flat ``images/``.
+    A label that appears twice on one image is handled as ``multi_box`` says (see load_ms_cxr).
+    There is no official split: a seeded 70/10/20 split by image.
+    """
+    root = _root("chestx-ray8", data_root, CHESTXRAY8_FILE)
+    file = root if root.is_file() else root / CHESTXRAY8_FILE
+    if not file.is_file():
+        raise _not_found("chestx-ray8", CHESTXRAY8_FILE, [root])
+    image_root = Path(image_root).expanduser() if image_root else file.parent
+    skipped, parsed = SkipReport(), []
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        for fields in reader:
+            where = f"{file.name} line {reader.line_num}"
+            if not any(v.strip() for v in fields) or (reader.line_num == 1 and fields[0].strip() == "Image Index"):
+                continue  # a blank line, or the header
+            try:
+                if len(fields) < 6 or not fields[0].strip() or not fields[1].strip():
+                    raise _BadRow("missing columns", f"{len(fields)} fields")
+                name, label = fields[0].strip(), fields[1].strip()
+                x, y, w, h = (_number(v, n) for v, n in zip(fields[2:6], "xywh"))
+                box = _checked_box(x, y, w, h, CHESTXRAY8_SIZE, CHESTXRAY8_SIZE)
+                parsed.append((where, name, label, box))
+            except _BadRow as e:
+                skipped.add(e.reason, where, e.detail)
+    found = _find_files(image_root, {name for _, name, _, _ in parsed})
+    rows = [_Row(image=found.get(name, image_root / "images" / name), text=CHESTXRAY8_PHRASES.get(label, label.lower()),
+                 box=box, width=CHESTXRAY8_SIZE, height=CHESTXRAY8_SIZE, category=label,
+                 id=f"{Path(name).stem}-{label.lower()}", split=None, group=name, where=where)
+            for where, name, label, box in parsed]
+    rows = _rows_in_split(rows, split, seed, skipped)
+    return SampleList(_pair_samples(rows, multi_box, skipped), skipped, str(file))
+
+
+def _find_files(root: Path, names: set[str]) -> dict[str, Path]:
+    """Where each wanted file name is below ``root``: one walk, so any folder layout works."""
+    found: dict[str, Path] = {}
+    for folder, _, files in os.walk(root, followlinks=True):
+        for name in names.intersection(files):
+            found.setdefault(name, Path(folder) / name)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# M3D-RefSeg (3D CT): one 2D slice per described region
+# ----------------------------------------------------------------------------------------------
+M3D_CSVS = {"train": "M3D_RefSeg_train.csv", "test": "M3D_RefSeg_test.csv", "all": "M3D_RefSeg_all.csv"}
+M3D_COLUMNS = ("Image", "Mask", "Mask_ID")  # Question_Type, Question, Answer: paraphrases, not needed
+M3D_VAL_FRACTION = 0.1  # of the official training cases, by case, seeded
+M3D_WINDOW = (0.5, 99.5)  # percentiles of the slice mapped to 0 and 255
+
+
+def load_m3d_refseg(split: str, data_root, image_root=None, *, seed: int = 0, cache_dir=None) -> SampleList:
+    """M3D-RefSeg as 2D grounding: one sample per (case, region), the axial slice where the region is largest.
+
+    ``data_root`` holds the CSVs; the cases (``sXXXX/ct.nii.gz, mask.nii.gz, text.json``) are below
+    ``image_root`` (default: ``data_root``) or its ``M3D_RefSeg/`` folder. The ``.npy`` variant
+    (``ct.npy``, ``mask.npy``, shape (1, 32, 256, 256)) is used when a case folder has it instead.
+
+    - Target: ``mask == Mask_ID``; the CSV's ~5 question paraphrases per region collapse into one
+      sample; the phrase is the region's English description in ``text.json``.
+    - Slice: the axial slice where the region's area is largest (the first if tied), shown in the
+      radiological view (patient's right on the image's left, anterior at the top; NIfTI volumes are
+      reoriented to RAS first; .npy arrays are used as stored). Image and mask get the same transform.
+    - Intensity: the slice windowed to 8 bits with its own 0.5-99.5 percentile range.
+    - Splits by case: test = ``M3D_RefSeg_test.csv``; val = a seeded 10% of the cases of
+      ``M3D_RefSeg_train.csv``; train = the rest. Without those two files, ``M3D_RefSeg_all.csv`` is
+      split 70/10/20 by case. A case never lands in two splits, so neither do the paraphrases.
+    - Cache: slices are written once as PNGs (the records point to them) with a ``regions.json`` per
+      case, under ``cache_dir`` (default ``$XDG_CACHE_HOME/grpo_min/m3d`` or ``~/.cache/grpo_min/m3d``)
+      in a folder named after a hash of ``data_root``. A later run reads the cache and decodes no volume,
+      unless a volume's size or modification time changed.
+    """
+    root = _root("m3d-refseg", data_root, f"{M3D_CSVS['train']} and {M3D_CSVS['test']}")
+    skipped = SkipReport()
+    train_csv, test_csv, all_csv = (root / M3D_CSVS[k] for k in ("train", "test", "all"))
+    if train_csv.is_file() and test_csv.is_file():
+        test = _m3d_regions(test_csv, skipped)
+        train = _m3d_regions(train_csv, skipped)
+        test_cases = {case for case, _ in test}
+        for key in [k for k in train if k[0] in test_cases]:
+            skipped.add("case also in the test CSV", train.pop(key).where, key[0])
+        if split == "test":
+            regions, source = test, test_csv
+        else:
+            val_of = seeded_split({case for case, _ in train}, seed, (1 - M3D_VAL_FRACTION, M3D_VAL_FRACTION, 0.0))
+            regions, source = {k: v for k, v in train.items() if val_of[k[0]] == split}, train_csv
+    elif all_csv.is_file():
+        every = _m3d_regions(all_csv, skipped)
+        split_of = seeded_split({case for case, _ in every}, seed)
+        regions, source = {k: v for k, v in every.items() if split_of[k[0]] == split}, all_csv
+    else:
+        raise _not_found("m3d-refseg", f"{M3D_CSVS['train']} and {M3D_CSVS['test']} (or {M3D_CSVS['all']})", [root])
+
+    base = Path(image_root).expanduser() if image_root else root
+    cache_base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grpo_min" / "m3d"
+    cache = Path(cache_dir or cache_base) / _short_hash(str(root.resolve()))  # one folder per data root
+    samples = []
+    for case in sorted({case for case, _ in regions}):
+        ids = sorted(i for c, i in regions if c == case)
+        first = regions[(case, ids[0])]
+        try:
+            ct, mask = _m3d_volume_files(base, first)
+            texts = _m3d_texts(ct.parent / "text.json")
+            slices = _m3d_case_slices(ct, mask, ids, cache / case)
+        except _BadRow as e:
+            for i in ids:
+                skipped.add(e.reason, regions[(case, i)].where, e.detail)
+            continue
+        for i in ids:
+            where, found = regions[(case, i)].where, slices[i]
+            if isinstance(found, str):
+                skipped.add(found, where, f"{case} id {i}")
+            elif str(i) not in texts:
+                skipped.add("region id not in text.json", where, f"{case} id {i}")
+            else:
+                samples.append(Sample(id=f"{case}-{i}", image=found["image"], text=texts[str(i)],
+                                      box=tuple(found["box"]), width=found["width"], height=found["height"]))
+    return SampleList(samples, skipped, str(source))
+
+
+@dataclass
+class _Region:
+    image: str  # the CSV's paths, e.g. 's0736/ct.nii.gz'
+    mask: str
+    where: str
+
+
+def _m3d_regions(file: Path, skipped: SkipReport) -> dict[tuple[str, int], _Region]:
+    """(case, Mask_ID) -> where its volumes are; the question paraphrases of a region count once."""
+    regions: dict[tuple[str, int], _Region] = {}
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in M3D_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DatasetError(f"m3d-refseg: {file} lacks the column(s) {', '.join(missing)}; expected the header "
+                               f"Image,Mask,Mask_ID,Question_Type,Question,Answer. "
+                               f"Obtain the dataset from {WHERE_TO_GET['m3d-refseg']}.")
+        for raw in reader:
+            where = f"{file.name} line {reader.line_num}"
+            try:
+                if any(not (raw.get(c) or "").strip() for c in M3D_COLUMNS):
+                    raise _BadRow("missing columns")
+                mask_id = _number(raw["Mask_ID"], "Mask_ID")
+                if mask_id != int(mask_id) or mask_id <= 0:
+                    raise _BadRow("unparseable number", f"Mask_ID={raw['Mask_ID']!r}")
+                image = raw["Image"].strip().replace("\\", "/")
+                regions.setdefault((PurePosixPath(image).parent.name, int(mask_id)),
+                                   _Region(image, raw["Mask"].strip().replace("\\", "/"), where))
+            except _BadRow as e:
+                skipped.add(e.reason, where, e.detail)
+    return regions
+
+
+def _m3d_volume_files(base: Path, region: _Region) -> tuple[Path, Path]:
+    """(ct, mask) of a case: the CSV's files below ``base``, ``base/M3D_RefSeg`` or ``base/M3D_RefSeg_npy``,
+    or the .npy variant (``ct.npy``, ``mask.npy``) in the same case folder."""
+    for folder in (base / "M3D_RefSeg", base, base / "M3D_RefSeg_npy"):
+        ct, mask = folder / region.image, folder / region.mask
+        for pair in ((ct, mask), (ct.parent / "ct.npy", mask.parent / "mask.npy")):
+            if pair[0].is_file() and pair[1].is_file():
+                return pair
+    raise _BadRow("volume not found", f"{region.image} below {base} or {base / 'M3D_RefSeg'}")
+
+
+def _m3d_texts(file: Path) -> dict[str, str]:
+    """text.json: region id (a string) -> English description."""
+    if not file.is_file():
+        raise _BadRow("text.json not found", str(file))
+    texts = json.loads(file.read_text(encoding="utf-8"))
+    return {str(k): (v[0] if isinstance(v, list) and v else str(v)).strip() for k, v in texts.items()}
+
+
+def _read_volume(path: Path) -> np.ndarray:
+    """A CT or mask volume as (slices, rows, cols): axial slices in the radiological view.
+
+    NIfTI (needs nibabel) is reoriented to RAS (+x towards the patient's right, +y anterior), then each
+    axial slice is flipped so the patient's right is on the image's left and anterior at the top. The
+    .npy variant is M3D's preprocessed (1, D, H, W) array, used as stored.
+    """
+    if path.suffix == ".npy":
+        volume = np.load(path)  # allow_pickle stays False: only plain arrays
+        return volume.reshape(volume.shape[-3:])
+    try:
+        import nibabel
+    except ImportError:
+        raise DatasetError("m3d-refseg: reading the NIfTI volumes (ct.nii.gz, mask.nii.gz) needs nibabel: "
+                           "pip install nibabel (the .npy variant, ct.npy / mask.npy, does not)") from None
+    volume = np.asanyarray(nibabel.as_closest_canonical(nibabel.load(str(path))).dataobj)  # (X, Y, Z) in RAS
+    return volume.transpose(2, 1, 0)[:, ::-1, ::-1]  # (Z, Y, X), rows anterior first, cols patient-right first
+
+
+def _window(ct_slice: np.ndarray) -> np.ndarray:
+    """A CT slice as 8 bits, its 0.5-99.5 percentile range stretched to 0-255 (robust to air and metal)."""
+    lo, hi = np.percentile(ct_slice, M3D_WINDOW)
+    if hi <= lo:
+        return np.zeros(ct_slice.shape, np.uint8)
+    return (np.clip((ct_slice - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file, so a reader (another rank) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _m3d_case_slices(ct: Path, mask: Path, ids: list[int], out: Path) -> dict[int, dict | str]:
+    """For each region id: its slice PNG, box and size (or why there is none), from the cache when fresh."""
+    source = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in (ct, mask)}
+    index_file, regions = out / "regions.json", {}
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        if index.get("source") == source:  # the volumes have not changed since
+            regions = index["regions"]
+
+    def cached(i: int) -> bool:
+        found = regions.get(str(i))
+        return isinstance(found, str) or (isinstance(found, dict) and Path(found["image"]).is_file())
+
+    if all(cached(i) for i in ids):
+        return {i: regions[str(i)] for i in ids}
+
+    volume, labels = _read_volume(ct), _read_volume(mask)  # (Z, rows, cols) each
+    out.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        if volume.shape != labels.shape:
+            regions[str(i)] = "mask shape differs from the CT"
+            continue
+        region = labels == i  # (Z, rows, cols)
+        areas = region.reshape(len(region), -1).sum(1)  # (Z,)
+        if areas.max() == 0:
+            regions[str(i)] = "region id absent from the mask"
+            continue
+        z = int(areas.argmax())  # the first of the largest
+        png = out / f"{i}.png"
+        _write_atomic(png, lambda p: Image.fromarray(_window(volume[z])).save(p, format="PNG"))
+        rows, cols = region[z].shape
+        regions[str(i)] = {"image": str(png), "box": list(_mask_box(region[z])), "width": cols, "height": rows,
+                           "slice": z}
+    _write_atomic(index_file, lambda p: p.write_text(json.dumps({"source": source, "regions": regions})))
+    return {i: regions[str(i)] for i in ids}
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic JSONL (users' own data; what --export writes)
+# ----------------------------------------------------------------------------------------------
+def load_jsonl(split: str, data_root, image_root=None, *, seed: int = 0) -> SampleList:
+    """``{"image", "text", "box": [x1, y1, x2, y2], "width", "height", "category", "id"}``, one per line.
+
+    ``data_root`` is a folder with ``train.jsonl``, ``val.jsonl``, ``test.jsonl``, or one .jsonl file
+    whose lines have a ``split`` field (without any ``split`` field: a seeded 70/10/20 split by image).
+    ``image`` is absolute or relative to ``image_root`` when given, else to the file's folder.
+    ``width`` / ``height``, when absent, are read from the image's header (no decoding).
+    """
+    root = _root("jsonl", data_root, f"{split}.jsonl")
+    file = root if root.is_file() else root / f"{split}.jsonl"
+    if not file.is_file():
+        raise _not_found("jsonl", f"{split}.jsonl (one file per split), or pass one .jsonl file whose lines have "
+                                  f"a 'split' field as --data-root", [root])
+    base = Path(image_root).expanduser() if image_root else file.parent
+    skipped, rows = SkipReport(), []
+    with open(file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{file.name} line {n}"
+            try:
+                rows.append(_jsonl_row(line, where, base, f"{file.stem}-{n}"))
+            except _BadRow as e:
+                skipped.add(e.reason, where, e.detail)
+    if root.is_file():
+        rows = _rows_in_split(rows, split, seed, skipped)
+    return SampleList([r.sample() for r in rows], skipped, str(file))
+
+
+def _jsonl_row(line: str, where: str, base: Path, default_id: str) -> _Row:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise _BadRow("not valid JSON", str(e)) from None
+    if not isinstance(rec, dict) or any(k not in rec for k in ("image", "text", "box")):
+        raise _BadRow("missing columns", "needs image, text, box")
+    text = str(rec["text"]).strip()
+    if not text:
+        raise _BadRow("empty phrase")
+    if not isinstance(rec["box"], list) or len(rec["box"]) != 4:
+        raise _BadRow("missing columns", "box is not [x1, y1, x2, y2]")
+    x1, y1, x2, y2 = (_number(v, "box") for v in rec["box"])
+    image = Path(str(rec["image"])).expanduser()
+    image = image if image.is_absolute() else base / image
+    if rec.get("width") is None or rec.get("height") is None:
+        try:
+            with Image.open(image) as im:  # reads the header only
+                width, height = im.size
+        except OSError:
+            raise _BadRow("image not found (and no width/height given)", str(image)) from None
+    else:
+        width, height = _number(rec["width"], "width"), _number(rec["height"], "height")
+    box = _checked_box(x1, y1, x2 - x1, y2 - y1, width, height)
+    category = rec.get("category")
+    return _Row(image=image, text=text, box=box, width=round(width), height=round(height),
+                category=str(category) if category is not None else None, id=str(rec.get("id") or default_id),
+                split=_split_value(rec.get("split")), group=str(image), where=where)
+
+
+# ----------------------------------------------------------------------------------------------
+# Before training: every image file opens
+# ----------------------------------------------------------------------------------------------
+def _probe_image(path: Path, decode: bool) -> tuple[int, int]:
+    """The (width, height) of an image file, or a _BadRow saying why it cannot be used."""
+    if not path.is_file():
+        raise _BadRow("image file not found", str(path))
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if decode:  # JPEG: decode at 1/8 scale; the whole stream is still read, so truncation shows
+                im.draft("L", (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise _BadRow("image unreadable", f"{path}: {e}") from None
+    return size
+
+
+def check_images(samples: Sequence[Sample], decode: bool = True) -> tuple[Sequence[Sample], SkipReport]:
+    """Find missing or unreadable images before training, so that a run never dies on one midway.
+
+    Each distinct file is opened once (and, with ``decode``, decoded: JPEGs at 1/8 scale, which still
+    reads the whole file). Samples whose image is missing or unreadable are dropped, counted by reason.
+    A file whose size differs from the record's (a downsized MIMIC copy; MedRPG's 640 x 640 boxes with
+    the original JPG) gets its box rescaled per axis to the size on disk, and counted in ``rescaled``.
+    Synthetic data (drawn in memory) is returned as it is.
+
+    Returns (the usable samples, as a SampleList that keeps the input's ``skipped``; the report).
+
+        train_set, report = check_images(train_set)   # e.g. in train.py, right after load_dataset
+    """
+    report = SkipReport()
+    if isinstance(samples, SyntheticDataset):
+        return samples, report
+    probed: dict[str, tuple[int, int] | _BadRow] = {}
+    good = []
+    for s in samples:
+        if isinstance(s.image, (str, Path)):
+            key = str(s.image)
+            if key not in probed:
+                try:
+                    probed[key] = _probe_image(Path(key), decode)
+                except _BadRow as e:
+                    probed[key] = e
+            found = probed[key]
+            if isinstance(found, _BadRow):
+                report.add(found.reason, f"sample {s.id}", found.detail)
+                continue
+            if found != (s.width, s.height):
+                sx, sy = found[0] / s.width, found[1] / s.height
+                x1, y1, x2, y2 = s.box
+                s = replace(s, box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy), width=found[0], height=found[1])
+                report.rescaled += 1
+        good.append(s)
+    return SampleList(good, getattr(samples, "skipped", None), getattr(samples, "source", "")), report
+
+
+# ----------------------------------------------------------------------------------------------
 # Dataset registry
 # ----------------------------------------------------------------------------------------------
-def load_dataset(name: str, split: str = "train", *, data_root: str | None = None,
-                 image_root: str | None = None, seed: int = 0, limit: int | None = None) -> Sequence[Sample]:
-    """Load one split of a dataset by name. ``image_root`` defaults to ``data_root``."""
+DATASETS = ("synthetic", "ms-cxr", "medrpg", "chestx-ray8", "m3d-refseg", "jsonl")
+
+
+def load_dataset(name: str, split: str = "train", *, data_root: str | None = None, image_root: str | None = None,
+                 seed: int = 0, limit: int | None = None, multi_box: str = "union",
+                 cache_dir: str | None = None) -> Sequence[Sample]:
+    """Load one split of a dataset by name. ``image_root`` defaults to ``data_root``.
+
+    Real datasets return a SampleList (records with an image *path*: nothing is decoded until
+    ``Sample.load_image()``), with ``.skipped`` saying which rows were left out and why; a one-line
+    summary of those goes to stderr (rank 0 only). ``seed`` drives the seeded splits, where a dataset
+    has no official one. ``multi_box``: see load_ms_cxr. ``cache_dir``: see load_m3d_refseg.
+    """
     if name == "synthetic":
         return SyntheticDataset(split, seed=seed, size=limit)
-    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-
-
-DATASETS = ("synthetic",)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if multi_box not in MULTI_BOX:
+        raise ValueError(f"unknown multi_box {multi_box!r}; expected one of {MULTI_BOX}")
+    if name == "ms-cxr":
+        ds = load_ms_cxr(split, data_root, image_root, seed=seed, multi_box=multi_box)
+    elif name == "medrpg":
+        ds = load_medrpg(split, data_root, image_root)
+    elif name == "chestx-ray8":
+        ds = load_chestxray8(split, data_root, image_root, seed=seed, multi_box=multi_box)
+    elif name == "m3d-refseg":
+        ds = load_m3d_refseg(split, data_root, image_root, seed=seed, cache_dir=cache_dir)
+    elif name == "jsonl":
+        ds = load_jsonl(split, data_root, image_root, seed=seed)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    if ds.skipped.total and os.environ.get("RANK", "0") == "0":
+        print(f"{name}/{split}: {ds.skipped.summary()} (python data.py --dataset {name} ... lists examples)",
+              file=sys.stderr)
+    return SampleList(ds[:limit], ds.skipped, ds.source) if limit is not None else ds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,38 +1227,70 @@ def draw_grid(samples: Sequence[Sample], path: str | Path, pred_boxes: Sequence[
     return path
 
 
+def export_jsonl(samples: Sequence[Sample], out: str | Path, split: str, copy_images: bool = False) -> Path:
+    """Write samples in the generic JSONL format (``load_jsonl`` reads it back).
+
+    Image files are referred to by absolute path. Images that are not files (synthetic) are written as
+    PNGs into a folder next to ``out`` named after it (``runs/x.jsonl`` -> ``runs/x/<id>.png``), and so
+    are image files with ``copy_images`` (M3D-RefSeg's cached slices: the export then does not depend
+    on the cache); those paths are relative to the JSONL's folder. Each line also has ``split``, so the
+    exports of three splits can be concatenated into one file.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img_dir = out.with_suffix("")
+    with open(out, "w") as f:
+        for s in samples:
+            if isinstance(s.image, (str, Path)) and not copy_images:
+                image = str(Path(s.image).resolve())
+            else:
+                img_dir.mkdir(parents=True, exist_ok=True)
+                if isinstance(s.image, (str, Path)):
+                    shutil.copyfile(s.image, img_dir / f"{s.id}.png")
+                else:
+                    s.load_image().save(img_dir / f"{s.id}.png")
+                image = f"{img_dir.name}/{s.id}.png"
+            f.write(json.dumps({"image": image, "text": s.text, "box": [round(v, 2) for v in s.box],
+                                "width": s.width, "height": s.height, "category": s.category, "id": s.id,
+                                "split": split}) + "\n")
+    return out
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Inspect, picture or export a grounding dataset.")
+    p = argparse.ArgumentParser(description="Inspect, picture or export a grounding dataset "
+                                            "(formats and layouts: docs/DATASETS_USAGE.md).")
     p.add_argument("--dataset", default="synthetic", choices=DATASETS, help="dataset name")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset's annotation files")
+    p.add_argument("--data-root", default=None, help="folder (or file) holding the dataset's annotations")
     p.add_argument("--image-root", default=None, help="folder holding the images (default: --data-root)")
-    p.add_argument("--split", default="train", help="train, val or test")
+    p.add_argument("--split", default="train", choices=SPLITS, help="which split")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of seeded splits")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--multi-box", default="union", choices=MULTI_BOX,
+                   help="a phrase with several boxes (MS-CXR, ChestX-ray8): their union box (default), "
+                        "one sample per box, or drop it")
     p.add_argument("--show", type=int, default=0, metavar="N", help="write a PNG grid of N samples")
     p.add_argument("--show-path", default="samples.png", help="where --show writes its PNG")
     p.add_argument("--export", default=None, metavar="OUT.jsonl", help="write the generic JSONL format")
     args = p.parse_args(argv)
 
-    ds = load_dataset(args.dataset, args.split, data_root=args.data_root, image_root=args.image_root,
-                      seed=args.seed, limit=args.limit)
+    try:
+        ds = load_dataset(args.dataset, args.split, data_root=args.data_root, image_root=args.image_root,
+                          seed=args.seed, limit=args.limit, multi_box=args.multi_box)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ds, image_report = check_images(ds)
     cats = Counter(s.category for s in ds)
-    print(f"{args.dataset}/{args.split}: {len(ds)} samples; categories: {dict(cats)}")
+    images = len({str(s.image) for s in ds}) if isinstance(ds, SampleList) else len(ds)
+    print(f"{args.dataset}/{args.split}: {len(ds)} samples on {images} images"
+          + (f", from {ds.source}" if getattr(ds, "source", "") else ""))
+    print(f"categories: {dict(cats.most_common())}")
+    print(f"rows: {getattr(ds, 'skipped', SkipReport())}")
+    print(f"images: {image_report}")
     if args.show:
         print("wrote", draw_grid([ds[i] for i in range(min(args.show, len(ds)))], args.show_path))
     if args.export:
-        out = Path(args.export)
-        img_dir = out.with_suffix("")
-        with open(out, "w") as f:
-            for s in ds:
-                image = s.image
-                if not isinstance(image, (str, Path)):
-                    img_dir.mkdir(parents=True, exist_ok=True)
-                    image = img_dir / f"{s.id}.png"
-                    s.load_image().save(image)
-                f.write(json.dumps({"image": str(image), "text": s.text, "box": list(s.box), "width": s.width,
-                                    "height": s.height, "category": s.category, "id": s.id}) + "\n")
-        print("wrote", out)
+        print("wrote", export_jsonl(ds, args.export, args.split, copy_images=args.dataset == "m3d-refseg"))
 
 
 if __name__ == "__main__":

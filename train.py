@@ -169,7 +169,7 @@ class Preemption:
 
 
 def warn_config_changes(saved: dict, cfg: Config):
-    ignore = {"resume", "max_steps", "num_train_epochs", "eval_steps", "save_steps", "save_total_limit"}
+    ignore = {"resume", "output_dir", "max_steps", "num_train_epochs", "eval_steps", "save_steps", "save_total_limit"}
     changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in ignore and saved.get(k) != v}
     if changed:
         dist.print0("WARNING: resuming with a different configuration: " +
