@@ -566,7 +566,8 @@ MS_CXR_FILES = ("MS_CXR_Local_Alignment_v1.1.0.csv", "MS_CXR_Local_Alignment_v1.
 MS_CXR_COLUMNS = ("dicom_id", "category_name", "label_text", "path", "x", "y", "w", "h", "image_width", "image_height")
 
 
-def load_ms_cxr(split: str, data_root, image_root=None, *, seed: int = 0, multi_box: str = "union") -> SampleList:
+def load_ms_cxr(split: str, data_root, image_root=None, *, split_seed: int = 0,
+                multi_box: str = "union") -> SampleList:
     """MS-CXR image-phrase pairs, boxes in original MIMIC-CXR-JPG pixels.
 
     ``data_root`` holds one of MS_CXR_FILES (the first found wins, v1.1.0 first) or is that file.
@@ -589,7 +590,7 @@ def load_ms_cxr(split: str, data_root, image_root=None, *, seed: int = 0, multi_
     roots = [Path(image_root).expanduser() if image_root else file.parent]
     skipped = SkipReport()
     rows = (_ms_cxr_json_rows if file.suffix == ".json" else _ms_cxr_csv_rows)(file, roots, skipped)
-    rows = _rows_in_split(rows, split, seed, skipped)
+    rows = _rows_in_split(rows, split, split_seed, skipped)
     return SampleList(_pair_samples(rows, multi_box, skipped), skipped, str(file))
 
 
@@ -785,7 +786,8 @@ CHESTXRAY8_PHRASES = {"Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegal
                       "Pneumothorax": "pneumothorax"}
 
 
-def load_chestxray8(split: str, data_root, image_root=None, *, seed: int = 0, multi_box: str = "union") -> SampleList:
+def load_chestxray8(split: str, data_root, image_root=None, *, split_seed: int = 0,
+                    multi_box: str = "union") -> SampleList:
     """ChestX-ray8's 984 boxes on 880 images: phrase = the finding (CHESTXRAY8_PHRASES), boxes in PNG pixels.
 
     ``data_root`` holds ``BBox_List_2017.csv`` (or is that file). Its header, ``Image Index,Finding
@@ -821,7 +823,7 @@ def load_chestxray8(split: str, data_root, image_root=None, *, seed: int = 0, mu
                  box=box, width=CHESTXRAY8_SIZE, height=CHESTXRAY8_SIZE, category=label,
                  id=f"{Path(name).stem}-{label.lower()}", split=None, group=name, where=where)
             for where, name, label, box in parsed]
-    rows = _rows_in_split(rows, split, seed, skipped)
+    rows = _rows_in_split(rows, split, split_seed, skipped)
     return SampleList(_pair_samples(rows, multi_box, skipped), skipped, str(file))
 
 
@@ -843,7 +845,7 @@ M3D_VAL_FRACTION = 0.1  # of the official training cases, by case, seeded
 M3D_WINDOW = (0.5, 99.5)  # percentiles of the slice mapped to 0 and 255
 
 
-def load_m3d_refseg(split: str, data_root, image_root=None, *, seed: int = 0, cache_dir=None) -> SampleList:
+def load_m3d_refseg(split: str, data_root, image_root=None, *, split_seed: int = 0, cache_dir=None) -> SampleList:
     """M3D-RefSeg as 2D grounding: one sample per (case, region), the axial slice where the region is largest.
 
     ``data_root`` holds the CSVs; the cases (``sXXXX/ct.nii.gz, mask.nii.gz, text.json``) are below
@@ -876,11 +878,12 @@ def load_m3d_refseg(split: str, data_root, image_root=None, *, seed: int = 0, ca
         if split == "test":
             regions, source = test, test_csv
         else:
-            val_of = seeded_split({case for case, _ in train}, seed, (1 - M3D_VAL_FRACTION, M3D_VAL_FRACTION, 0.0))
+            val_fractions = (1 - M3D_VAL_FRACTION, M3D_VAL_FRACTION, 0.0)
+            val_of = seeded_split({case for case, _ in train}, split_seed, val_fractions)
             regions, source = {k: v for k, v in train.items() if val_of[k[0]] == split}, train_csv
     elif all_csv.is_file():
         every = _m3d_regions(all_csv, skipped)
-        split_of = seeded_split({case for case, _ in every}, seed)
+        split_of = seeded_split({case for case, _ in every}, split_seed)
         regions, source = {k: v for k, v in every.items() if split_of[k[0]] == split}, all_csv
     else:
         raise _not_found("m3d-refseg", f"{M3D_CSVS['train']} and {M3D_CSVS['test']} (or {M3D_CSVS['all']})", [root])
@@ -1038,7 +1041,7 @@ def _m3d_case_slices(ct: Path, mask: Path, ids: list[int], out: Path) -> dict[in
 # ----------------------------------------------------------------------------------------------
 # Generic JSONL (users' own data; what --export writes)
 # ----------------------------------------------------------------------------------------------
-def load_jsonl(split: str, data_root, image_root=None, *, seed: int = 0) -> SampleList:
+def load_jsonl(split: str, data_root, image_root=None, *, split_seed: int = 0) -> SampleList:
     """``{"image", "text", "box": [x1, y1, x2, y2], "width", "height", "category", "id"}``, one per line.
 
     ``data_root`` is a folder with ``train.jsonl``, ``val.jsonl``, ``test.jsonl``, or one .jsonl file
@@ -1063,7 +1066,7 @@ def load_jsonl(split: str, data_root, image_root=None, *, seed: int = 0) -> Samp
             except _BadRow as e:
                 skipped.add(e.reason, where, e.detail)
     if root.is_file():
-        rows = _rows_in_split(rows, split, seed, skipped)
+        rows = _rows_in_split(rows, split, split_seed, skipped)
     return SampleList([r.sample() for r in rows], skipped, str(file))
 
 
@@ -1161,14 +1164,16 @@ DATASETS = ("synthetic", "ms-cxr", "medrpg", "chestx-ray8", "m3d-refseg", "jsonl
 
 
 def load_dataset(name: str, split: str = "train", *, data_root: str | None = None, image_root: str | None = None,
-                 seed: int = 0, limit: int | None = None, multi_box: str = "union",
-                 cache_dir: str | None = None) -> Sequence[Sample]:
+                 seed: int = 0, limit: int | None = None, multi_box: str = "union", cache_dir: str | None = None,
+                 split_seed: int = 0) -> Sequence[Sample]:
     """Load one split of a dataset by name. ``image_root`` defaults to ``data_root``.
 
     Real datasets return a SampleList (records with an image *path*: nothing is decoded until
     ``Sample.load_image()``), with ``.skipped`` saying which rows were left out and why; a one-line
-    summary of those goes to stderr (rank 0 only). ``seed`` drives the seeded splits, where a dataset
-    has no official one. ``multi_box``: see load_ms_cxr. ``cache_dir``: see load_m3d_refseg.
+    summary of those goes to stderr (rank 0 only). ``seed`` draws the synthetic data; ``split_seed``
+    the seeded splits of real datasets that have no official one. They are kept apart on purpose: a
+    training run with another ``seed`` must still be evaluated on the same test images, never on
+    images it trained on. ``multi_box``: see load_ms_cxr. ``cache_dir``: see load_m3d_refseg.
     """
     if name == "synthetic":
         return SyntheticDataset(split, seed=seed, size=limit)
@@ -1177,15 +1182,15 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | None = Non
     if multi_box not in MULTI_BOX:
         raise ValueError(f"unknown multi_box {multi_box!r}; expected one of {MULTI_BOX}")
     if name == "ms-cxr":
-        ds = load_ms_cxr(split, data_root, image_root, seed=seed, multi_box=multi_box)
+        ds = load_ms_cxr(split, data_root, image_root, split_seed=split_seed, multi_box=multi_box)
     elif name == "medrpg":
         ds = load_medrpg(split, data_root, image_root)
     elif name == "chestx-ray8":
-        ds = load_chestxray8(split, data_root, image_root, seed=seed, multi_box=multi_box)
+        ds = load_chestxray8(split, data_root, image_root, split_seed=split_seed, multi_box=multi_box)
     elif name == "m3d-refseg":
-        ds = load_m3d_refseg(split, data_root, image_root, seed=seed, cache_dir=cache_dir)
+        ds = load_m3d_refseg(split, data_root, image_root, split_seed=split_seed, cache_dir=cache_dir)
     elif name == "jsonl":
-        ds = load_jsonl(split, data_root, image_root, seed=seed)
+        ds = load_jsonl(split, data_root, image_root, split_seed=split_seed)
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     if ds.skipped.total and os.environ.get("RANK", "0") == "0":
@@ -1263,7 +1268,9 @@ def main(argv=None):
     p.add_argument("--data-root", default=None, help="folder (or file) holding the dataset's annotations")
     p.add_argument("--image-root", default=None, help="folder holding the images (default: --data-root)")
     p.add_argument("--split", default="train", choices=SPLITS, help="which split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of seeded splits")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the seeded splits (real datasets without an official split)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     p.add_argument("--multi-box", default="union", choices=MULTI_BOX,
                    help="a phrase with several boxes (MS-CXR, ChestX-ray8): their union box (default), "
@@ -1275,7 +1282,7 @@ def main(argv=None):
 
     try:
         ds = load_dataset(args.dataset, args.split, data_root=args.data_root, image_root=args.image_root,
-                          seed=args.seed, limit=args.limit, multi_box=args.multi_box)
+                          seed=args.seed, limit=args.limit, multi_box=args.multi_box, split_seed=args.split_seed)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

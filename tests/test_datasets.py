@@ -73,15 +73,15 @@ def test_ms_cxr_quirks_malformed_rows_multi_box_and_missing_image(tmp_path):
 
 def test_ms_cxr_v100_without_split_gets_a_seeded_split_by_patient(tmp_path):
     data_root, image_root = write_ms_cxr_fixture(tmp_path, version="1.0.0")
-    ds = _splits("ms-cxr", data_root=data_root, image_root=image_root, seed=3)
+    ds = _splits("ms-cxr", data_root=data_root, image_root=image_root, split_seed=3)
     assert sum(len(d) for d in ds.values()) == 24 and all(len(d) for d in ds.values())
     images = [_images(d) for d in ds.values()]
     assert not (images[0] & images[1]) and not (images[0] & images[2]) and not (images[1] & images[2])
-    again = load_dataset("ms-cxr", "test", data_root=data_root, image_root=image_root, seed=3)
+    again = load_dataset("ms-cxr", "test", data_root=data_root, image_root=image_root, split_seed=3, seed=9)
     assert [s.id for s in again] == [s.id for s in ds["test"]]
-    others = [_images(load_dataset("ms-cxr", "test", data_root=data_root, image_root=image_root, seed=k))
+    others = [_images(load_dataset("ms-cxr", "test", data_root=data_root, image_root=image_root, split_seed=k))
               for k in range(4, 8)]
-    assert any(o != images[2] for o in others)  # the seed moves the split
+    assert any(o != images[2] for o in others)  # the split seed moves the split; the data seed does not
 
 
 def test_ms_cxr_coco_json_several_image_ids_for_one_file(tmp_path):
@@ -160,7 +160,7 @@ def test_medrpg_json_recovers_the_phrase(tmp_path):
 def test_chestxray8_header_quirk_nested_images_and_modes(tmp_path):
     root = write_chestxray8_fixture(tmp_path)
     assert (root / "BBox_List_2017.csv").read_text().splitlines()[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
-    ds = _splits("chestx-ray8", data_root=root, seed=1)
+    ds = _splits("chestx-ray8", data_root=root, split_seed=1)
     every = [s for d in ds.values() for s in d]
     assert len(every) == 11  # 10 images (Effusion twice on image 2: one union box), 1 missing image
     assert ds["train"].skipped.counts == {"unparseable number": 1}
@@ -183,7 +183,7 @@ def test_chestxray8_header_quirk_nested_images_and_modes(tmp_path):
 def test_m3d_nifti_slices_boxes_splits_and_cache(tmp_path, monkeypatch):
     root = write_m3d_fixture(tmp_path / "m3d")
     cache = tmp_path / "cache"
-    ds = _splits("m3d-refseg", data_root=root, cache_dir=cache, seed=0)
+    ds = _splits("m3d-refseg", data_root=root, cache_dir=cache)
     cases = {split: {s.id.split("-")[0] for s in d} for split, d in ds.items()}
     assert cases["test"] == {"s0006"} and len(cases["val"]) == 1 and len(cases["train"]) == 4
     assert not (cases["train"] & cases["val"])
