@@ -400,7 +400,7 @@ def main(argv=None):
         return 0
 
     # ------------------------------------------------------------------ the model
-    from data import DATASETS, load_dataset, to_rgb8
+    from data import DATASETS, DatasetError, check_images, load_dataset, to_rgb8
     from grpo_min.models import load_model, resolve_dtype, resolve_model_path
 
     if not args.image and args.dataset not in DATASETS:  # fail before loading a large model
@@ -424,8 +424,13 @@ def main(argv=None):
         print("wrote", draw_prediction(image, box, args.phrase, out / "prediction.png"))
         return 0
 
-    samples = load_dataset(args.dataset, args.split, data_root=args.data_root, image_root=args.image_root,
-                           seed=args.seed, limit=args.limit)
+    try:
+        samples = load_dataset(args.dataset, args.split, data_root=args.data_root, image_root=args.image_root,
+                               seed=args.seed, limit=args.limit)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    samples, report = check_images(samples)  # missing / unreadable images are dropped and reported
+    print(f"{args.dataset}/{args.split} images: {report}")
     samples = [samples[i] for i in range(len(samples) if args.limit is None else min(args.limit, len(samples)))]
     rows = predict(model, processor, samples, template, frame, args.batch_size, args.max_new_tokens, device=device)
     metrics = {"model": args.model, "dataset": args.dataset, "split": args.split, "template": args.template,

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import rewards as R
-from data import DATASETS, load_dataset
+from data import DATASETS, DatasetError, check_images, load_dataset
 from evaluate import metrics_of, predict
 from grpo_min import dist
 from grpo_min.checkpoint import check_checkpoint, find_resume_path, load_checkpoint, save_checkpoint
@@ -143,6 +143,23 @@ def prompt_indices(step: int, micro: int, cfg: Config, n: int) -> list[int]:
     return out
 
 
+def load_splits(cfg: Config):
+    """train / val / test, with every image opened once before training starts (bad ones dropped, reported)."""
+    data_args = dict(data_root=cfg.data_root, image_root=cfg.image_root, seed=cfg.seed)
+    try:  # rank 0 first: it may build a cache (M3D-RefSeg slices) that the other ranks then read
+        splits = dist.on_main_first(lambda: [load_dataset(cfg.dataset, s, **data_args) for s in ("train", "val", "test")])
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    checked = []
+    for name, ds in zip(("train", "val", "test"), splits):
+        ds, report = check_images(ds)
+        dist.print0(f"{cfg.dataset}/{name} images: {report}")
+        if len(ds) == 0:
+            raise SystemExit(f"error: {cfg.dataset}/{name} has no usable sample (see the report above)")
+        checked.append(ds)
+    return checked
+
+
 def evaluate_split(model, processor, samples, template, frame, cfg: Config, device) -> tuple[dict, list[dict]]:
     n = len(samples) if cfg.eval_limit is None else min(cfg.eval_limit, len(samples))
     rows = predict(model, processor, [samples[i] for i in range(n)], template, frame, cfg.eval_batch_size,
@@ -205,10 +222,7 @@ def main(argv=None):
     reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
                                    spatial_kind=cfg.spatial_reward)
     never_ids = special_token_ids(processor)["never"]
-    data_args = dict(data_root=cfg.data_root, image_root=cfg.image_root, seed=cfg.seed)
-    train_set = load_dataset(cfg.dataset, "train", **data_args)
-    val_set = load_dataset(cfg.dataset, "val", **data_args)
-    test_set = load_dataset(cfg.dataset, "test", **data_args)
+    train_set, val_set, test_set = load_splits(cfg)
     G = cfg.num_generations
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(train_set) / per_step)
