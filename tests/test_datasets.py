@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -283,3 +284,30 @@ def test_synthetic_unchanged():
     ds = load_dataset("synthetic", "val", limit=4)
     assert isinstance(ds, data.SyntheticDataset) and len(ds) == 4 and ds[0].load_image().mode == "RGB"
     assert "jsonl" in data.DATASETS and "ms-cxr" in data.DATASETS
+
+
+def test_torchrun_trains_two_steps_on_an_ms_cxr_fixture(tiny_model_dir, tmp_path):
+    """The user's first line, `torchrun train.py --dataset ms-cxr ...`, on a fixture with quirks."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.fixtures import write_ms_cxr_fixture
+
+    data_root, image_root = write_ms_cxr_fixture(tmp_path / "data", quirks=True)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--dataset", "ms-cxr", "--data-root", str(data_root), "--image-root", str(image_root),
+           "--model", str(tiny_model_dir), "--max-pixels", "12544", "--max-steps", "2", "--batch-size", "2",
+           "--num-generations", "4", "--max-completion-length", "16", "--eval-steps", "2", "--beta", "0.04",
+           "--output-dir", str(out)]
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "image file not found" in result.stdout  # the missing image is reported before training
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2] and "eval/acc@0.5" in lines[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["n"] == 4  # the fixture's 4 test pairs
