@@ -91,11 +91,11 @@ def to_rgb8(img: Image.Image) -> Image.Image:
 # ----------------------------------------------------------------------------------------------
 # Synthetic chest X-rays
 # ----------------------------------------------------------------------------------------------
-SYNTHETIC_VERSION = 2  # bump whenever drawing changes: cached models trained on old data are rebuilt
+SYNTHETIC_VERSION = 3  # bump whenever drawing changes: cached models trained on old data are rebuilt
 SYNTHETIC_SIZE = 224  # pixels, square; the tiny model's processor resizes it to 112 x 112
 SYNTHETIC_SPLITS = {"train": (0, 2000), "val": (1, 200), "test": (2, 200)}  # split -> (stream, size)
 FINDINGS = ("nodule", "mass", "consolidation", "pleural effusion", "pneumothorax", "cardiomegaly")
-DISTRACTOR_PROB = 0.3
+DISTRACTOR_PROB = 0.2
 
 
 def _ellipse(xx, yy, cx, cy, ax, ay):
@@ -123,10 +123,10 @@ class _Thorax:
 
     def __init__(self, rng: np.random.Generator, size: int):
         # Patient size and placement vary a lot, so no box can be guessed from the phrase alone.
-        s = size / 224.0 * rng.uniform(0.72, 1.04)
+        s = size / 224.0 * rng.uniform(0.66, 1.04)
         self.size = size
-        self.cx = size / 2 + rng.uniform(-22, 22) * size / 224
-        cy = size / 2 + rng.uniform(-16, 16) * size / 224
+        self.cx = size / 2 + rng.uniform(-26, 26) * size / 224
+        cy = size / 2 + rng.uniform(-20, 20) * size / 224
         self.top = cy + (-78 + rng.normal(0, 4)) * s
         self.bottom = cy + (84 + rng.normal(0, 4)) * s
         self.body_ax = (92 + rng.normal(0, 5)) * s
@@ -138,8 +138,8 @@ class _Thorax:
             "right": (self.cx - gap - 31 * s, lung_cy, (30 + rng.normal(0, 2.5)) * s, lung_ay),
             "left": (self.cx + gap + 29 * s, lung_cy + 3 * s, (28 + rng.normal(0, 2.5)) * s, lung_ay * 0.97),
         }
-        self.heart = (self.cx + 11 * s + rng.normal(0, 2) * s, self.top + (self.bottom - self.top) * 0.7,
-                      (27 + rng.normal(0, 2)) * s, (22 + rng.normal(0, 2)) * s)
+        self.heart = (self.cx + (11 + rng.uniform(-7, 7)) * s, self.top + (self.bottom - self.top) * rng.uniform(0.64, 0.74),
+                      (27 + rng.normal(0, 2.5)) * s, (22 + rng.normal(0, 2.5)) * s)
 
     def lung_mask(self, xx, yy, side):
         return _ellipse(xx, yy, *self.lungs[side])
@@ -161,19 +161,19 @@ def _draw_finding(kind, side, zone, rng, th, xx, yy, img, heart_mask):
         i = rng.integers(len(xs))
         cx, cy = xs[i], ys[i]
         if kind == "nodule":
-            r = rng.uniform(3, 8) * s
+            r = rng.uniform(5, 10) * s
             mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-            size = "small " if r < 5 * s else ""
+            size = "small " if r < 7 * s else ""
             phrase = f"{size}nodule in the {side} {zone} zone"
             img += 0.38 * mask
         elif kind == "mass":
-            r = rng.uniform(9, 15) * s
+            r = rng.uniform(11, 17) * s
             mask = _blob(xx, yy, cx, cy, r, rng) & lung
-            size = "large " if r > 12.5 * s else ""
+            size = "large " if r > 14.5 * s else ""
             phrase = f"{size}mass in the {side} {zone} zone"
             img += 0.33 * mask
         else:
-            r = rng.uniform(10, 18) * s
+            r = rng.uniform(12, 20) * s
             mask = _blob(xx, yy, cx, cy, r, rng, lobes=7) & lung
             texture = 0.18 + 0.12 * rng.random(img.shape)
             img += texture * mask
@@ -231,7 +231,7 @@ def synthetic_sample(index: int, split: str = "train", seed: int = 0, size: int 
     vessels = np.asarray(Image.fromarray((rng.random((size // 8, size // 8)) * 255).astype(np.uint8))
                          .resize((size, size), Image.BICUBIC), np.float32) / 255.0
     img[lungs] = 0.16 + 0.1 * vessels[lungs]
-    img[np.abs(xx - th.cx) < 8 * size / 224] = 0.72
+    img[(np.abs(xx - th.cx) < 8 * size / 224) & body] = 0.72  # spine
     heart_axes = th.heart
     if kind == "cardiomegaly":
         grow = rng.uniform(1.25, 1.75)

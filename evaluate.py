@@ -37,7 +37,6 @@ PAPER = {"ms-cxr": ("MS-CXR", {"acc@0.5": 83.12, "miou": 79.02}),
 PAPER_NOTES = {"ms-cxr": "The prediction log released next to the MS-CXR numbers scores 33.65 mIoU / "
                          "37.13 Acc@0.5 over its 167 test samples (METHOD.md, last section)."}
 PAPER_SETTINGS = {("medrpg", "test"): "ms-cxr"}  # (dataset, split) recorded in metrics.json -> paper row
-DEFAULT_MAX_PIXELS = 1003520  # real models, as in train.py (1280 visual tokens)
 TRUTH, PREDICTION = (0, 200, 0), (230, 30, 30)  # green and red, as in data.draw_grid
 
 
@@ -370,7 +369,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--min-pixels", type=int, default=None, help="processor's minimum image area in pixels")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help=f"processor's maximum image area (default: {DEFAULT_MAX_PIXELS}; 'tiny' keeps its own)")
+                   help="processor's maximum image area (default: its own, capped at 1003520 = 1280 visual tokens)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data / the tiny model")
     p.add_argument("--save-vis", type=int, default=0, metavar="N", help="write examples.png: N samples, hits "
                    "and misses, truth green, prediction red")
@@ -406,9 +405,7 @@ def main(argv=None):
     if not args.image and args.dataset not in DATASETS:  # fail before loading a large model
         raise SystemExit(f"--dataset {args.dataset!r}: expected one of {', '.join(DATASETS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    max_pixels = args.max_pixels
-    if max_pixels is None and args.model != "tiny":  # the same rule as train.py's demo preset
-        max_pixels = DEFAULT_MAX_PIXELS
+    max_pixels = args.max_pixels  # None: the processor's own, capped (grpo_min.models.DEFAULT_MAX_PIXELS)
     model, processor, frame = load_model(resolve_model_path(args.model, args.seed),
                                          dtype=resolve_dtype(args.dtype, device), device=device,
                                          min_pixels=args.min_pixels, max_pixels=max_pixels)

@@ -83,14 +83,14 @@ class Config:
     eval_batch_size: int = opt(32, "prompts per generate call when evaluating")
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     min_pixels: int | None = opt(None, "processor's minimum image area in pixels")
-    max_pixels: int | None = opt(1003520, "processor's maximum image area (1003520 = 1280 visual tokens)")
+    max_pixels: int | None = opt(None, "processor's maximum image area; default: its own, capped at 1003520 (1280 visual tokens)")
     seed: int = opt(0, "random seed (sampling, data order, the tiny model)")
 
 
 # The demo preset: applied to the options the user did not set when --model tiny. Tuned for a tiny
 # model on 2 CPU cores (see README, "The demo"): larger batches and learning rate than for a 3B VLM.
 TINY_PRESET = dict(batch_size=8, max_completion_length=48, learning_rate=3e-4, warmup_steps=20, beta=0.0,
-                   max_steps=300, eval_steps=50, max_pixels=None)
+                   max_steps=300, eval_steps=50)
 
 
 def parse_config(argv=None) -> Config:

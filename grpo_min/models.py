@@ -11,6 +11,7 @@ import torch
 
 # The box frame a model family reads and writes (METHOD.md, "Box coordinate frames").
 BOX_FRAMES = {"qwen2_5_vl": "absolute", "qwen2_vl": "norm1000"}
+DEFAULT_MAX_PIXELS = 1003520  # 1,280 visual tokens of 28 x 28 pixels
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -38,18 +39,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                min_pixels: int | None = None, max_pixels: int | None = None, trust_remote_code: bool = False):
-    """(model, processor, box_frame) from a ``save_pretrained`` folder, via the Auto classes."""
+    """(model, processor, box_frame) from a ``save_pretrained`` folder, via the Auto classes.
+
+    ``max_pixels=None`` keeps the processor's own limit but caps it at ``DEFAULT_MAX_PIXELS``: Qwen's
+    saved 12.8 M-pixel cap would turn a native chest X-ray into ~9,900 visual tokens per completion.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if min_pixels is not None or max_pixels is not None:
-        size = dict(processor.image_processor.size)
-        if min_pixels is not None:
-            size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            size["longest_edge"] = max_pixels
-        processor.image_processor.size = size
+    size = dict(processor.image_processor.size)
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    elif size.get("longest_edge", 0) > DEFAULT_MAX_PIXELS:
+        size["longest_edge"] = DEFAULT_MAX_PIXELS
+    processor.image_processor.size = size
     model_type = model.config.model_type
     if model_type not in BOX_FRAMES:
         raise ValueError(f"{path}: model type {model_type!r} is not supported; expected one of "

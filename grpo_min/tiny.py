@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -153,7 +154,9 @@ def warm_start(model, processor, template: str, seed: int = 0, steps: int = WARM
     train = SyntheticDataset("train", seed=seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup_steps))
+    # Linear warm-up, then a cosine decay to zero: the last, small steps sharpen the boxes.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup_steps, 0.5 * (
+        1 + math.cos(math.pi * min(1.0, max(0, s - warmup_steps) / max(1, steps - warmup_steps))))))
     tok = processor.tokenizer
     model.train()
     bar = tqdm(range(steps), desc="warm start (supervised)", leave=False)
