@@ -1,0 +1,201 @@
+"""Tests for grpo_min/semantic.py: the semantic consistency reward's scorer and the tiny CLIP behind it."""
+
+import doctest
+
+import numpy as np
+import pytest
+import torch
+
+import rewards as R
+from data import FINDINGS
+from grpo_min import semantic
+from grpo_min.boxes import to_model_frame
+from grpo_min.semantic import SemanticScorer, crop_to_square, normal_box
+
+RESIZED = (112, 112)  # the tiny VLM's frame for the 224 px synthetic images
+
+
+@pytest.fixture(scope="session")
+def scorer():
+    """The default tiny scorer, exactly as training uses it (built once per session into the private
+    cache conftest.py sets up: about 20 s on 2 idle cores). Reduced recipes (fewer images or steps)
+    fit it less well and leave some on-finding crops below a normal-tissue crop."""
+    return SemanticScorer.from_pretrained(semantic.tiny_scorer_path(0))
+
+
+def answer(box) -> str:
+    return "<think>the finding</think><answer>[" + ",".join(f"{v:.1f}" for v in box) + "]</answer>"
+
+
+def target_of(sample) -> R.Target:
+    return R.Target(box=sample.box, orig_size=(sample.width, sample.height), resized_size=RESIZED,
+                    phrase=sample.text, image=sample.load_image())
+
+
+def test_docstring_examples():
+    result = doctest.testmod(semantic)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_crop_is_padded_to_a_square_not_cut():
+    from PIL import Image
+
+    image = Image.new("RGB", (100, 100), "white")
+    crop = crop_to_square(image, (10, 40, 90, 60))  # 80 x 20: elongated
+    assert crop.size == (80, 80)
+    pixels = np.asarray(crop)
+    assert pixels[40, :].min() == 255  # the whole finding is kept ...
+    assert pixels[0, :].max() == 0 and pixels[-1, :].max() == 0  # ... and centred on black
+
+
+def test_on_finding_crop_scores_higher_than_off_finding_crops_for_each_type(scorer):
+    """Held-out images, 5 per finding type: the truth box's crop against normal-tissue crops of the
+    same image and the distractor finding's crop, all scored with the image's phrase."""
+    rng = np.random.default_rng(0)
+    margins = {kind: [] for kind in FINDINGS}  # on-finding score minus each off-finding score
+    counts = {kind: 0 for kind in FINDINGS}
+    for i in range(200):
+        sample, findings = semantic.synthetic_findings(i, "test", 0)
+        if counts[sample.category] == 5:
+            continue
+        counts[sample.category] += 1
+        off = [normal_box([f[2] for f in findings], rng, sample.width) for _ in range(3)]
+        off = [b for b in off if b is not None] + [f[2] for f in findings[1:]]
+        image = sample.load_image()
+        scores = scorer.similarity([crop_to_square(image, b) for b in [sample.box] + off], [sample.text] * (1 + len(off)))
+        margins[sample.category] += (scores[0] - scores[1:]).tolist()
+    for kind, m in margins.items():
+        m = np.array(m)
+        # At the time of writing every pair is ordered; the slack keeps the test about the
+        # scorer rather than about one crop if the synthetic generator changes.
+        assert len(m) >= 15 and (m > 0).mean() >= 0.9 and m.mean() > 0.3, (kind, m.round(2).tolist())
+
+
+def test_batched_scores_equal_one_by_one(scorer):
+    from data import synthetic_sample
+
+    rng = np.random.default_rng(1)
+    completions, targets = [], []
+    for i in range(4):
+        target = target_of(synthetic_sample(i, "val"))
+        for _ in range(4):
+            x, y = rng.uniform(0, 90, 2)
+            completions.append(answer((x, y, x + rng.uniform(3, 30), y + rng.uniform(3, 30))))
+            targets.append(target)
+    eligible = [True] * len(completions)
+    batched, details = scorer.score(completions, targets, eligible)
+    assert batched.shape == (16,) and batched.dtype == torch.float32
+    assert details == {"semantic_scored": 16, "semantic_invalid_boxes": 0}
+    scorer._phrase_cache.clear()
+    one_by_one = torch.cat([scorer.score([c], [t], [True])[0] for c, t in zip(completions, targets)])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=0)
+    assert ((batched >= 0) & (batched <= 1)).all() and batched.max() > 0
+
+
+def test_bad_boxes_score_zero_and_are_counted(scorer):
+    from data import synthetic_sample
+
+    target = target_of(synthetic_sample(0, "val"))
+    inside = (10.0, 20.0, 60.0, 70.0)  # model frame (112 px)
+    completions = [
+        "<think>x</think><answer>no box here</answer>",  # unparseable
+        answer((30, 30, 30, 50)),  # zero width
+        answer((30, 30, 30.5, 50)),  # under MIN_SIDE (1 px in the 224 px original)
+        answer((120, 10, 150, 40)),  # fully outside the 112 x 112 frame
+        answer((-40, 20, 60, 70)),  # partially outside: clipped to (0, 20, 60, 70)
+        answer(inside),
+        answer(inside),  # not eligible: scores 0, not counted
+    ]
+    eligible = [True] * 6 + [False]
+    scores, details = scorer.score(completions, [target] * 7, eligible)
+    assert scores[:4].tolist() == [0, 0, 0, 0] and scores[6] == 0
+    assert details == {"semantic_scored": 2, "semantic_invalid_boxes": 4}
+    clipped = scorer.score([answer((0, 20, 60, 70))], [target], [True])[0]
+    torch.testing.assert_close(scores[4:5], clipped, atol=1e-6, rtol=0)
+
+
+def test_loads_a_clip_folder_written_by_save_pretrained(tmp_path):
+    processor = semantic.build_scorer_processor(image_size=24)
+    semantic.build_scorer_model(processor, seed=3, image_size=24, hidden_size=32).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    scorer = SemanticScorer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert type(scorer.model).__name__ == "CLIPModel" and not scorer.model.training
+    assert not any(p.requires_grad for p in scorer.model.parameters())
+    from data import synthetic_sample
+
+    s = synthetic_sample(0, "val")
+    sims = scorer.similarity([crop_to_square(s.load_image(), s.box)] * 2, [s.text, "cardiomegaly"])
+    assert sims.shape == (2,) and sims.dtype == torch.float32 and sims.abs().max() <= 1.0 + 1e-3
+
+
+def test_loads_a_siglip_folder(tmp_path):
+    from transformers import SiglipConfig, SiglipModel
+
+    processor = semantic.build_scorer_processor(image_size=24)  # a SigLIP folder would hold its own
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = SiglipConfig(text_config=dict(tower, vocab_size=len(processor.tokenizer), max_position_embeddings=16),
+                          vision_config=dict(tower, image_size=24, patch_size=4))
+    SiglipModel(config).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    scorer = SemanticScorer.from_pretrained(tmp_path)
+    assert scorer.padding == "max_length"
+    from data import synthetic_sample
+
+    s = synthetic_sample(0, "val")
+    assert scorer.similarity([crop_to_square(s.load_image(), s.box)], [s.text]).shape == (1,)
+
+
+def test_a_folder_without_image_and_text_towers_gives_a_clear_error(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"get_image_features and get_text_features.*CLIPModel.*BertModel"):
+        SemanticScorer.from_pretrained(tmp_path)
+
+
+def test_tiny_scorer_build_is_deterministic():
+    tiny = dict(train_images=12, steps=3, batch_size=8)
+    first = semantic.tiny_scorer_path(5, **tiny)
+    weights = SemanticScorer.from_pretrained(first).model.state_dict()
+    import shutil
+
+    shutil.rmtree(first)
+    again = SemanticScorer.from_pretrained(semantic.tiny_scorer_path(5, **tiny)).model.state_dict()
+    assert weights.keys() == again.keys()
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    with pytest.raises(TypeError, match="unknown scorer recipe keys"):
+        semantic.tiny_scorer_path(5, step=3)
+
+
+def test_score_completions_adds_the_semantic_term(scorer):
+    from data import synthetic_sample
+
+    sample = next(s for s in (synthetic_sample(i, "test") for i in range(50)) if s.category == "mass")
+    target = target_of(sample)
+    truth = to_model_frame(sample.box, (sample.width, sample.height), RESIZED)
+    cx, cy = (truth[0] + truth[2]) / 2, (truth[1] + truth[3]) / 2
+    w, h = truth[2] - truth[0], truth[3] - truth[1]
+    wide = (cx - w, cy - h, cx + w, cy + h)  # on the finding, IoU 0.25: spatially negative
+    far = next(b for b in (normal_box([sample.box], np.random.default_rng(k), sample.width) for k in range(50)) if b)
+    far = to_model_frame(far, (sample.width, sample.height), RESIZED)
+    completions = [answer(truth), answer(wide), answer(far), "[1, 2, 30, 40]", "nothing"]
+    targets = [target] * len(completions)
+
+    config = R.RewardConfig(semantic_weight=0.5)
+    scores = R.score_completions(completions, targets, config, semantic_scorer=scorer)
+    semantic_term = scores.terms["semantic"]
+    assert semantic_term[1] > semantic_term[2] + 0.2  # the wrong box on the finding earns more
+    assert semantic_term[0] > 0.3 and semantic_term[3] == 0 and semantic_term[4] == 0  # no format: no term
+    expected = scores.terms["format"] + scores.terms["spatial"] + 0.5 * semantic_term
+    torch.testing.assert_close(scores.total, expected)
+    assert scores.details == {"semantic_scored": 3, "semantic_invalid_boxes": 0}
+
+    negatives = R.score_completions(completions, targets, R.RewardConfig(semantic_weight=1.0, semantic_on="negatives"),
+                                    semantic_scorer=scorer)
+    assert negatives.ious[0] > 0.5 and negatives.terms["semantic"][0] == 0  # spatially positive: not scored
+    torch.testing.assert_close(negatives.terms["semantic"][1:], semantic_term[1:])
+    assert negatives.details["semantic_scored"] == 2
+
+    off = R.score_completions(completions, targets, R.RewardConfig(semantic_weight=0.0), semantic_scorer=scorer)
+    assert "semantic" not in off.terms
