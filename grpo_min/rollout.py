@@ -76,16 +76,28 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return (~eos_seen_before).float()
 
 
+def sampling_config(ids: dict, num_generations: int, max_new_tokens: int, temperature: float = 1.0,
+                    greedy: bool = False) -> GenerationConfig:
+    """Pure sampling from softmax(logits / temperature), minus the never-emitted tokens.
+
+    top_k=0 and top_p=1.0 are explicit on purpose: left unset (None), transformers fills them from
+    the model's generation config (top_k=50 by default), and the completions would then come from a
+    truncated distribution that the log-probs of the loss do not describe.
+    """
+    if greedy:
+        return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
+                                eos_token_id=ids["eos"], pad_token_id=ids["pad"], suppress_tokens=ids["never"])
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
+                            max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
+                            eos_token_id=ids["eos"], pad_token_id=ids["pad"], suppress_tokens=ids["never"])
+
+
 @torch.no_grad()
 def generate_completions(model, processor, prompts: PromptBatch, *, num_generations: int, max_new_tokens: int,
                          temperature: float = 1.0, greedy: bool = False, synced_gpus: bool = False) -> Rollout:
     """Sample ``num_generations`` completions for each prompt (pure sampling: no top-k, no top-p)."""
     ids = special_token_ids(processor)
-    config = GenerationConfig(
-        do_sample=not greedy, temperature=temperature if not greedy else None, top_k=None, top_p=None,
-        max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
-        eos_token_id=ids["eos"], pad_token_id=ids["pad"], suppress_tokens=ids["never"],
-    )
+    config = sampling_config(ids, num_generations, max_new_tokens, temperature, greedy)
     was_training = model.training
     model.eval()
     out = model.generate(**prompts.inputs, generation_config=config, synced_gpus=synced_gpus)  # (B*G, P+T)

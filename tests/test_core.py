@@ -14,7 +14,7 @@ from grpo_min import tiny
 from grpo_min.boxes import accuracy_at, parse_answer
 from grpo_min.prompts import CHAIN_OF_BOX, PLAIN, load_template, render_question
 from grpo_min.rollout import (completion_logps, completion_mask_from_ids, encode_prompts, generate_completions,
-                              special_token_ids)
+                              sampling_config, special_token_ids)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,20 +124,22 @@ def test_encoding_each_image_once_gives_the_same_logps(random_tiny):
 
 
 def test_logps_match_the_sampling_distribution(random_tiny):
-    """Scored log-probs equal the ones generate() sampled from (same temperature, same masked tokens)."""
+    """Scored log-probs equal the distribution generate() sampled from: full vocabulary (no top-k /
+    top-p truncation), the same temperature, the same never-emitted tokens."""
     model, processor = random_tiny
     _, prompts = _prompts(processor, n=1)
     ids = special_token_ids(processor)
+    config = sampling_config(ids, num_generations=2, max_new_tokens=8, temperature=0.8)
+    config.output_scores, config.return_dict_in_generate = True, True
     torch.manual_seed(0)
-    gen = model.generate(**prompts.inputs, do_sample=True, temperature=0.8, top_k=None, top_p=None,
-                         max_new_tokens=8, suppress_tokens=ids["never"], eos_token_id=ids["eos"],
-                         pad_token_id=ids["pad"], output_logits=True, return_dict_in_generate=True)
-    completion = gen.sequences[:, prompts.inputs["input_ids"].shape[1]:]
-    raw = torch.stack(gen.logits, dim=1)  # (1, T, V) raw logits of each step
-    expected = torch.log_softmax(raw.index_fill(-1, torch.tensor(ids["never"]), float("-inf")) / 0.8, -1)
-    expected = expected.gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    gen = model.generate(**prompts.inputs, generation_config=config)
+    completion = gen.sequences[:, prompts.inputs["input_ids"].shape[1]:]  # (2, T)
+    processed = torch.stack(gen.scores, dim=1)  # (2, T, V): the scores sampling actually used
+    vocab = processed.shape[-1]
+    assert (torch.isfinite(processed).sum(-1) == vocab - len(ids["never"])).all()  # nothing truncated
+    expected = torch.log_softmax(processed, -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
     mask = completion_mask_from_ids(completion, ids["eos"])
-    got = completion_logps(model, prompts, completion, mask, group_size=1, temperature=0.8, never_ids=ids["never"])
+    got = completion_logps(model, prompts, completion, mask, group_size=2, temperature=0.8, never_ids=ids["never"])
     torch.testing.assert_close(got * mask, expected * mask, atol=1e-4, rtol=0)
 
 
