@@ -60,6 +60,11 @@ class Config:
     spatial_reward: str = opt("hard", "hard: 1[IoU > 0.5] (the paper); iou: continuous IoU", choices=("hard", "iou"))
     format_weight: float = opt(1.0, "weight of the format reward")
     spatial_weight: float = opt(1.0, "weight of the spatial reward")
+    semantic_model: str = opt("auto", "dual encoder folder for the semantic reward (CLIP, SigLIP, e.g. PubMedCLIP); "
+                              "'auto': the tiny synthetic scorer on --dataset synthetic, off on real data; 'none': off")
+    semantic_weight: float = opt(1.0, "weight of the semantic reward (0: off)")
+    semantic_on: str = opt("all", "score all format-valid completions, or only the spatially wrong ones (IoU <= 0.5)",
+                           choices=("all", "negatives"))
     # --- optimisation ---
     learning_rate: float = opt(1e-6, "peak learning rate (AdamW)")
     lr_scheduler: str = opt("constant", "learning-rate schedule after warm-up", choices=("constant", "linear", "cosine"))
@@ -143,6 +148,23 @@ def prompt_indices(step: int, micro: int, cfg: Config, n: int) -> list[int]:
     return out
 
 
+def load_semantic_scorer(cfg: Config, device):
+    """The frozen dual encoder of the semantic reward, or None when that reward is off."""
+    from grpo_min.semantic import SemanticScorer, tiny_scorer_path
+
+    choice = cfg.semantic_model
+    if choice == "none" or cfg.semantic_weight == 0 or (choice == "auto" and cfg.dataset != "synthetic"):
+        if choice == "auto" and cfg.dataset != "synthetic":
+            dist.print0("Semantic reward: off (real data and no --semantic-model given; the tiny synthetic "
+                        "scorer is never used on real data). Pass --semantic-model PATH to a CLIP-style folder.")
+        return None
+    if choice == "auto":  # the tiny scorer, fitted on synthetic crops; one judge for every training seed
+        choice = dist.on_main_first(lambda: tiny_scorer_path(seed=0))
+    scorer = SemanticScorer.from_pretrained(choice, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    dist.print0(f"Semantic reward: {choice} (weight {cfg.semantic_weight}, on {cfg.semantic_on} format-valid completions)")
+    return scorer
+
+
 def load_splits(cfg: Config):
     """train / val / test, with every image opened once before training starts (bad ones dropped, reported)."""
     data_args = dict(data_root=cfg.data_root, image_root=cfg.image_root, seed=cfg.seed)
@@ -219,8 +241,11 @@ def main(argv=None):
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     template = load_template(cfg.template)
+    semantic_scorer = load_semantic_scorer(cfg, device)
     reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
-                                   spatial_kind=cfg.spatial_reward)
+                                   spatial_kind=cfg.spatial_reward,
+                                   semantic_weight=cfg.semantic_weight if semantic_scorer else 0.0,
+                                   semantic_on=cfg.semantic_on)
     never_ids = special_token_ids(processor)["never"]
     train_set, val_set, test_set = load_splits(cfg)
     G = cfg.num_generations
@@ -279,7 +304,7 @@ def main(argv=None):
                                 phrase=s.text, image=img)
                        for s, img, size in zip(samples, images, prompts.resized_sizes) for _ in range(G)]
             rollouts.append(rollout)
-            all_scores.append(R.score_completions(rollout.texts, targets, reward_config))
+            all_scores.append(R.score_completions(rollout.texts, targets, reward_config, semantic_scorer))
         t_gen = time.time() - t0
 
         # 2. Group-relative advantages, over the global batch (all ranks) so "batch" scaling is global.
@@ -340,6 +365,7 @@ def main(argv=None):
                                               for k in all_scores[0].terms},
             "parse_failure_rate": float(sum(s.parse_failures for s in all_scores)),
             "reward_errors": float(sum(s.errors for s in all_scores)),
+            "semantic_invalid_boxes": float(sum(s.details.get("semantic_invalid_boxes", 0) for s in all_scores)),
             "completion_length": lengths.sum().item(), "completion_tokens": lengths.sum().item(),
             **{k: v for k, v in stats_sum.items()},
         }
@@ -350,6 +376,7 @@ def main(argv=None):
                   "frac_zero_std": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
                   "parse_failure_rate": summed["parse_failure_rate"] / n_completions,
                   "reward_errors": int(summed["reward_errors"]),
+                  **({"semantic_invalid_boxes": int(summed["semantic_invalid_boxes"])} if semantic_scorer else {}),
                   **{k: summed[k] / dist.world_size() for k in ["loss", *stats_sum] if k != "loss"},
                   "loss": summed["loss"] / dist.world_size(), "grad_norm": float(grad_norm),
                   "completion_length": summed["completion_length"] / n_completions,

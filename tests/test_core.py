@@ -207,6 +207,7 @@ def test_two_step_training_run(tiny_model_dir, tmp_path):
     assert [l["step"] for l in lines] == [1, 2]
     for line in lines:
         assert REQUIRED_KEYS <= line.keys()
+        assert 0.0 <= line["reward/semantic"] <= 1.0  # the semantic reward runs inside the loop (synthetic default)
         assert line["completion_tokens"] > 0 and np.isfinite(line["loss"]) and line["kl"] >= 0
     assert "eval/acc@0.5" in lines[-1] and "eval/miou" in lines[-1]
     summary = json.loads((out_dir / "summary.json").read_text())
