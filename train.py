@@ -347,6 +347,8 @@ def main(argv=None):
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / len(rollouts) / cfg.num_iterations
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; the global norm is the same on every rank
+                grad_norm = grad_norm.full_tensor()
             # A non-finite loss or gradient on any rank skips this update everywhere: nothing is applied.
             finite = torch.isfinite(total_loss) & torch.isfinite(grad_norm.to(device))
             if dist.all_reduce_sum((~finite).float().reshape(1)).item() > 0:

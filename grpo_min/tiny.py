@@ -193,7 +193,8 @@ def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> 
 
     template = template or CHAIN_OF_BOX
     recipe = dict(WARM_START, **overrides, version=RECIPE_VERSION, data_version=SYNTHETIC_VERSION, seed=seed,
-                  template=template, image_pixels=IMAGE_PIXELS)
+                  template=template)
+    recipe.setdefault("image_pixels", IMAGE_PIXELS)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"tiny-qwen2.5-vl-seed{seed}-{key}"
     if (path / "config.json").exists() and (path / "recipe.json").exists():
@@ -201,7 +202,7 @@ def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> 
     t0 = time.time()
     print(f"Building the tiny Qwen2.5-VL (seed {seed}) and warm-starting it on synthetic data -> {path}")
     torch.manual_seed(seed)
-    processor = build_processor()
+    processor = build_processor(recipe["image_pixels"])
     model = build_model(processor, seed)
     steps_kw = {k: v for k, v in overrides.items() if k in ("steps", "batch_size", "learning_rate", "warmup_steps")}
     warm_start(model, processor, template, seed=seed, **steps_kw)
