@@ -24,7 +24,7 @@ import rewards as R
 from data import DATASETS, DatasetError, check_images, load_dataset
 from evaluate import metrics_of, predict
 from grpo_min import dist
-from grpo_min.checkpoint import check_checkpoint, find_resume_path, load_checkpoint, save_checkpoint
+from grpo_min.checkpoint import check_checkpoint, find_resume_path, load_checkpoint, save_checkpoint, save_model
 from grpo_min.loss import group_advantages, grpo_loss
 from grpo_min.models import load_model, load_reference, resolve_dtype, resolve_model_path
 from grpo_min.prompts import load_template
@@ -94,8 +94,10 @@ class Config:
 
 # The demo preset: applied to the options the user did not set when --model tiny. Tuned for a tiny
 # model on 2 CPU cores (see README, "The demo"): larger batches and learning rate than for a 3B VLM.
-TINY_PRESET = dict(batch_size=8, max_completion_length=48, learning_rate=3e-4, warmup_steps=20, beta=0.0,
-                   max_steps=300, eval_steps=50)
+# Measured (README, "The demo"): with the vision tower trainable, lr 3e-4 lowered val Acc@0.5 from 32.5
+# to 14.5 in 100 steps; frozen vision at lr 1e-4 keeps it stable.
+TINY_PRESET = dict(batch_size=8, max_completion_length=48, learning_rate=1e-4, warmup_steps=20, beta=0.0,
+                   max_steps=300, eval_steps=50, freeze_vision=True)
 
 
 def parse_config(argv=None) -> Config:
@@ -104,7 +106,7 @@ def parse_config(argv=None) -> Config:
     for f in fields(Config):
         name, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
         if f.type == "bool":
-            parser.add_argument(name, action="store_true", help=help)
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
             continue
         kind = int if "int" in f.type else float if "float" in f.type else str
         parser.add_argument(name, type=kind, choices=f.metadata.get("choices"), help=help)
@@ -265,6 +267,7 @@ def main(argv=None):
             if model is not None:
                 with torch.no_grad():
                     completion_logps(model, warm, one_token, torch.ones_like(one_token, dtype=torch.float), group_size=1)
+                model.reshard()  # the root stays unsharded after a forward; the optimizer must see the shards
     optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
 
     start_step, bad_steps = 0, 0
@@ -420,9 +423,8 @@ def main(argv=None):
 
     # ------------------------------------------------------------------ the end: test numbers, final model
     after, _ = evaluate_split(raw, processor, test_set, template, frame, cfg, device)
+    save_model(out / "final", policy, processor)
     if dist.is_main():
-        raw.save_pretrained(out / "final")
-        processor.save_pretrained(out / "final")
         summary = {"before": before, "after": after, "wall_s": round(time.time() - t_start, 1)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"after GRPO, test: {json.dumps(after)}")

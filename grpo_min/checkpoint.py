@@ -58,6 +58,8 @@ def save_checkpoint(out_dir: Path, step: int, model, processor, optimizer, sched
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    if hasattr(model, "reshard"):  # FSDP2: after a forward-only pass (generate) the root stays unsharded,
+        model.reshard()            # and the optimizer knows only the sharded parameters
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)  # collective under FSDP
     optim_state = get_optimizer_state_dict(model, optimizer, options=options)
@@ -80,6 +82,17 @@ def save_checkpoint(out_dir: Path, step: int, model, processor, optimizer, sched
                 shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+def save_model(folder: Path, model, processor):
+    """The final model as a plain ``save_pretrained`` folder (all ranks call: FSDP gathers the shards)."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_main():
+        dist.unwrap(model).save_pretrained(folder, state_dict=state)
+        processor.save_pretrained(folder)
+    dist.barrier()
 
 
 def complete_checkpoints(out_dir: Path) -> list[Path]:
