@@ -25,8 +25,6 @@ synthetic crops: phrase -> crop retrieval among the finding types, and on- vs of
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -359,7 +357,7 @@ def tiny_scorer_path(seed: int = 0, **overrides) -> Path:
     deterministic for a seed. ``overrides`` (e.g. ``steps=100``) give a cheaper scorer for tests.
     """
     from data import SYNTHETIC_VERSION
-    from grpo_min.tiny import cache_dir
+    from grpo_min.tiny import cached_build
 
     unknown = overrides.keys() - SCORER_ARCH.keys() - SCORER_TRAINING.keys()
     if unknown:
@@ -367,25 +365,16 @@ def tiny_scorer_path(seed: int = 0, **overrides) -> Path:
     arch = {k: overrides.get(k, v) for k, v in SCORER_ARCH.items()}
     training = {k: overrides.get(k, v) for k, v in SCORER_TRAINING.items()}
     recipe = dict(arch, **training, version=RECIPE_VERSION, data_version=SYNTHETIC_VERSION, seed=seed)
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    path = cache_dir() / f"tiny-clip-scorer-seed{seed}-{key}"
-    if (path / "config.json").exists() and (path / "recipe.json").exists():
-        return path
-    t0 = time.time()
-    print(f"Building the tiny CLIP scorer (seed {seed}) on synthetic crops -> {path}")
-    processor = build_scorer_processor(arch["image_size"])
-    model = build_scorer_model(processor, seed, **arch)
-    with one_thread():  # about 30x faster than two threads on a busy CPU (see one_thread)
-        train_scorer(model, processor, seed, **training)
-    tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1))
-    if path.exists():  # a concurrent build finished first
-        return path
-    tmp.rename(path)
-    print(f"Built in {time.time() - t0:.0f} s ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
-    return path
+
+    def build():
+        print(f"Building the tiny CLIP scorer (seed {seed}) on synthetic crops")
+        processor = build_scorer_processor(arch["image_size"])
+        model = build_scorer_model(processor, seed, **arch)
+        with one_thread():  # about 30x faster than two threads on a busy CPU (see one_thread)
+            train_scorer(model, processor, seed, **training)
+        return model, processor
+
+    return cached_build(f"tiny-clip-scorer-seed{seed}", recipe, build)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -195,17 +195,30 @@ def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> 
     recipe = dict(WARM_START, **overrides, version=RECIPE_VERSION, data_version=SYNTHETIC_VERSION, seed=seed,
                   template=template)
     recipe.setdefault("image_pixels", IMAGE_PIXELS)
+    steps_kw = {k: v for k, v in overrides.items() if k in ("steps", "batch_size", "learning_rate", "warmup_steps")}
+
+    def build():
+        print(f"Building the tiny Qwen2.5-VL (seed {seed}) and warm-starting it on synthetic data")
+        torch.manual_seed(seed)
+        processor = build_processor(recipe["image_pixels"])
+        model = build_model(processor, seed)
+        warm_start(model, processor, template, seed=seed, **steps_kw)
+        return model, processor
+
+    return cached_build(f"tiny-qwen2.5-vl-seed{seed}", recipe, build)
+
+
+def cached_build(prefix: str, recipe: dict, build) -> Path:
+    """``cache_dir()/<prefix>-<hash of recipe>``: built once by ``build() -> (model, processor)``.
+
+    Written under a temporary name and renamed when complete, so an interrupted build is never reused.
+    """
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
-    path = cache_dir() / f"tiny-qwen2.5-vl-seed{seed}-{key}"
+    path = cache_dir() / f"{prefix}-{key}"
     if (path / "config.json").exists() and (path / "recipe.json").exists():
         return path
     t0 = time.time()
-    print(f"Building the tiny Qwen2.5-VL (seed {seed}) and warm-starting it on synthetic data -> {path}")
-    torch.manual_seed(seed)
-    processor = build_processor(recipe["image_pixels"])
-    model = build_model(processor, seed)
-    steps_kw = {k: v for k, v in overrides.items() if k in ("steps", "batch_size", "learning_rate", "warmup_steps")}
-    warm_start(model, processor, template, seed=seed, **steps_kw)
+    model, processor = build()
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
@@ -213,5 +226,6 @@ def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> 
     if path.exists():  # a concurrent build finished first
         return path
     tmp.rename(path)
-    print(f"Built in {time.time() - t0:.0f} s ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
+    print(f"Built {path} in {time.time() - t0:.0f} s ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+          "parameters)")
     return path

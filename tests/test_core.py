@@ -1,6 +1,5 @@
 """The core: synthetic data, the tiny model, rollouts, and a short end-to-end training run."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
