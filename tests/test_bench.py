@@ -1,0 +1,72 @@
+"""The throughput benchmark (python -m grpo_min.bench) and the fast paths it measures."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+from grpo_min import rollout as rollout_module
+from grpo_min import tiny
+from grpo_min.prompts import CHAIN_OF_BOX
+from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_and_ends_with_a_json_line():
+    cmd = [sys.executable, "-m", "grpo_min.bench", "--model-config", "tiny", "--image-size", "112", "--steps", "2",
+           "--max-completion-length", "8", "--num-generations", "2"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert any(line.strip().startswith("generate") for line in lines)  # the per-phase medians
+    out = json.loads(lines[-1])
+    for key in ("seconds_per_step", "completion_tokens_per_s", "peak_rss_mb", "generate_s", "reference_s",
+                "policy_s", "rewards_s", "optimizer_s"):
+        assert out[key] >= 0, key
+    assert out["image_size"] == 112 and out["visual_tokens"] == 16 and out["measured_steps"] == 1
+    assert 2 <= out["completion_tokens_per_step"] <= 16  # 2 completions of at most 8 tokens
+    assert out["completion_tokens_per_s"] > 0 and out["peak_rss_mb"] > 0
+
+
+def test_fast_paths_give_the_plain_paths_logps_and_gradients(monkeypatch):
+    """Sharing the prompt (default), or only the image features (under gradient checkpointing), scores
+    like the plain path, gradients included, for prompts of different lengths (left padding)."""
+    processor = tiny.build_processor()
+    model = tiny.build_model(processor, seed=1)
+    samples = [data.synthetic_sample(i, "val") for i in range(2)]
+    phrases = [samples[0].text, samples[1].text + " on the frontal view"]  # unequal lengths: left padding
+    prompts = encode_prompts(processor, [s.load_image() for s in samples], phrases, CHAIN_OF_BOX)
+    assert (prompts.inputs["attention_mask"] == 0).any()
+    torch.manual_seed(0)
+    rollout = generate_completions(model, processor, prompts, num_generations=3, max_new_tokens=12)
+    never = special_token_ids(processor)["never"]
+    model.train()
+    shared_calls = []  # which path ran: count the calls of the prompt-sharing one
+    real = rollout_module._logps_sharing_the_prompt
+    monkeypatch.setattr(rollout_module, "_logps_sharing_the_prompt",
+                        lambda *a, **k: shared_calls.append(1) or real(*a, **k))
+
+    def logps_and_grads(**kw):
+        model.zero_grad(set_to_none=True)
+        logps = completion_logps(model, prompts, rollout.completion_ids, rollout.completion_mask, group_size=3,
+                                 temperature=0.7, never_ids=never, **kw)
+        (logps * rollout.completion_mask).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, plain_grads = logps_and_grads(encode_image_once=False)
+    assert not shared_calls
+    shared, shared_grads = logps_and_grads()
+    assert len(shared_calls) == 1
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    features_once, features_grads = logps_and_grads()
+    assert len(shared_calls) == 1  # gradient checkpointing drops the KV cache: features-only path
+    for logps, grads in ((shared, shared_grads), (features_once, features_grads)):
+        torch.testing.assert_close(logps, plain, atol=1e-5, rtol=0)
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+    assert plain_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0  # the vision tower learns too
