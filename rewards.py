@@ -103,7 +103,11 @@ def score_completions(completions: list[str], targets: list[Target], config: Rew
     details = {}
     if config.semantic_weight and semantic_scorer is not None:
         eligible = [f > 0 and (config.semantic_on == "all" or ious[i] <= 0.5) for i, f in enumerate(fmt.tolist())]
-        semantic, sem_details = semantic_scorer.score(completions, targets, eligible)
+        try:
+            semantic, sem_details = semantic_scorer.score(completions, targets, eligible)
+        except Exception:  # the batched scorer failed: no semantic credit this step, counted, run goes on
+            semantic, sem_details = torch.zeros(n), {}
+            errors += sum(eligible)
         terms["semantic"] = semantic
         total = total + config.semantic_weight * semantic
         details.update(sem_details)

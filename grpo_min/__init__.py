@@ -1,0 +1,1 @@
+"""grpo_min: GRPO for vision-language grounding in plain PyTorch (see README.md)."""
