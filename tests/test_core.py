@@ -217,3 +217,20 @@ def test_two_step_training_run(tiny_model_dir, tmp_path):
 
     AutoModelForImageTextToText.from_pretrained(out_dir / "final")
     assert json.loads((out_dir / "config.json").read_text())["num_iterations"] == 2
+
+
+def test_rewards_never_raise_and_count_failures():
+    import rewards as R
+
+    class BrokenScorer:
+        def score(self, completions, targets, eligible):
+            raise RuntimeError("dual encoder exploded")
+
+    target = R.Target(box=(20, 20, 60, 60), orig_size=(224, 224), resized_size=(112, 112), phrase="x")
+    good = '<think>a</think><answer>{"bbox_2d":[10,10,30,30]}</answer>'  # (20,20,60,60) in the 112 px frame
+    texts = [good, "no box at all", "<think>[1,2,3,4]</think>", None]
+    scores = R.score_completions(texts, [target] * 4, R.RewardConfig(semantic_weight=1.0), BrokenScorer())
+    assert scores.terms["spatial"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert scores.terms["format"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert scores.parse_failures == 3 and scores.errors == 1  # the one eligible completion the scorer failed on
+    assert scores.terms["semantic"].tolist() == [0.0] * 4 and scores.total.tolist() == [2.0, 0.0, 0.0, 0.0]
