@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +176,16 @@ def test_fsdp_two_ranks_trains_checkpoints_and_resumes_exactly(tiny_model_dir, t
         nproc=2)
     assert max_diff(weights(first / "final"), weights(resumed / "final")) <= 1e-6
     assert [without_timing(l) for l in metrics(first)[1:]] == [without_timing(l) for l in metrics(resumed)]
+
+
+def test_memory_options_run(tiny_model_dir, tmp_path):
+    """--gradient-checkpointing (scoring falls back to shared image features), accumulation, frozen vision."""
+    out = tmp_path / "mem"
+    run(small_run(tiny_model_dir, out, "--max-steps", "2", "--gradient-checkpointing",
+                  "--gradient-accumulation-steps", "2", "--freeze-vision"))
+    lines = metrics(out)
+    assert [l["step"] for l in lines] == [1, 2]
+    # 2 micro-batches x 2 prompts x 4 completions per step
+    assert all(l["completion_tokens"] == pytest.approx(l["completion_length"] * 2 * 2 * 4) for l in lines)
+    start, end = weights(tiny_model_dir), weights(out / "final")
+    assert all(torch.equal(start[k], end[k]) for k in start if "visual" in k)  # the vision tower stayed frozen
