@@ -9,6 +9,7 @@ synthetic chest X-rays), ``python train.py --help`` for every option, or on GPUs
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import signal
@@ -142,12 +143,14 @@ def prompt_indices(step: int, micro: int, cfg: Config, n: int) -> list[int]:
     """
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
     start = step * per_step + (micro * dist.world_size() + dist.rank()) * cfg.batch_size
-    out = []
-    for k in range(start, start + cfg.batch_size):
-        epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        out.append(int(perm[pos]))
-    return out
+    return [int(epoch_order(cfg.seed, epoch, n)[pos]) for epoch, pos in
+            (divmod(k, n) for k in range(start, start + cfg.batch_size))]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The seeded order of the n training samples in one epoch (computed once per epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
 def load_semantic_scorer(cfg: Config, device):
