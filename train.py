@@ -391,6 +391,8 @@ def main(argv=None):
                   "completion_tokens": int(summed["completion_tokens"]),
                   "generate_s": round(t_gen, 3), "step_time_s": round(time.time() - t0, 3),
                   "lr": scheduler.get_last_lr()[0], "skipped_update": skipped}
+        if device.type == "cuda":  # this rank's peak since the start (weights, optimizer, activations, cache)
+            record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
         if dist.world_size() > 1 and not cfg.fsdp:  # DDP: every rank must hold the same weights; check it
             checksum = dist.all_gather_cat(torch.stack([p.detach().double().sum() for p in policy.parameters()])
                                            .sum().reshape(1).to(device))

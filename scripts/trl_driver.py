@@ -4,9 +4,10 @@ Run with the TRL venv (requirements-dev-trl.txt), never the project's; the proje
 
     .venv-trl/bin/python scripts/trl_driver.py --model FOLDER --image IMG.png --prompt "..." --steps 6
 
-The work per step is the benchmark's (grpo_min/bench.py): 1 prompt (the same image and text every
-step) x G sampled completions of at most L tokens, fp32, beta as given, loss "grpo", one update per
-generation, AdamW at 1e-6 with gradient clipping at 1.0. Settings that would make TRL do *more*
+The work per step is the benchmark's (grpo_min/bench.py): ``--batch-size`` prompts (default 1; prompt
+i uses the i-th ``--image``, the same text, every step) x G sampled completions of at most L tokens,
+in ``--dtype`` (fp32 by default; bfloat16 loads the weights in bf16, as grpo_min.bench does), beta
+as given, loss "grpo", one update per generation, AdamW at 1e-6 with gradient clipping at 1.0. Settings that would make TRL do *more*
 work than grpo_min are turned off: gradient checkpointing (GRPOConfig defaults it on), bf16 (on by
 default), and the bias-corrected KL (plain k3, as in METHOD.md). The same tokens are suppressed when
 sampling as in grpo_min (image/video/vision placeholders).
@@ -34,16 +35,21 @@ from trl import GRPOConfig, GRPOTrainer
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Qwen2.5-VL folder (save_pretrained)")
-    p.add_argument("--image", required=True, help="the S x S image (PNG)")
+    p.add_argument("--image", required=True, nargs="+", help="the S x S image(s) (PNG), one per prompt")
     p.add_argument("--prompt", required=True, help="the user turn's text (the image goes before it)")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-completion-length", type=int, default=32)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--steps", type=int, default=6, help="steps to run; the first is warm-up and not counted")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per step")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
 
-    image = Image.open(args.image).convert("RGB")
+    images = [Image.open(path).convert("RGB") for path in args.image]
+    if len(images) < args.batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} needs as many --image files (got {len(images)})")
+    image, B = images[0], args.batch_size
     S = image.size[0]
     processor = AutoProcessor.from_pretrained(args.model)
     size = dict(processor.image_processor.size)  # as grpo_min.bench: the S x S image stays unresized
@@ -58,8 +64,9 @@ def main():
     grid = check["image_grid_thw"].tolist()[0]
     assert grid[1] * 14 == S and grid[2] * 14 == S, f"the processor resized the image: grid {grid}"
 
-    # One prompt per step (generation batch = G rows of the same prompt); the same prompt every step.
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": args.prompt}], "image": image}] * args.steps)
+    # B prompts per step (generation batch = B x G rows), the same B prompts every step.
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": args.prompt}], "image": images[i]}
+                                 for _ in range(args.steps) for i in range(B)])
 
     tokens_per_step = []
     box = (S // 4, S // 4, S // 2, S // 2)
@@ -94,12 +101,12 @@ def main():
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl_bench_"), report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), seed=args.seed, max_steps=args.steps,
-        per_device_train_batch_size=args.num_generations, num_generations=args.num_generations,
+        per_device_train_batch_size=B * args.num_generations, num_generations=args.num_generations,
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
         max_completion_length=args.max_completion_length, temperature=1.0, top_k=0, top_p=1.0,
         beta=args.beta, loss_type="grpo", use_bias_correction_kl=False, scale_rewards="group",
-        learning_rate=1e-6, max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
-        model_init_kwargs={"dtype": "float32"}, use_vllm=False, log_completions=False,
+        learning_rate=1e-6, max_grad_norm=1.0, bf16=args.dtype == "bfloat16", fp16=False,
+        gradient_checkpointing=False, model_init_kwargs={"dtype": args.dtype}, use_vllm=False, log_completions=False,
         generation_kwargs={"suppress_tokens": never}, dataloader_pin_memory=False,
     )
     timer = StepTimer()
@@ -128,7 +135,7 @@ def main():
         "step_over_generate": round(statistics.median(seconds) / statistics.median(gen), 3),
         "prompt_tokens": len(check["input_ids"][0]), "image_size": S, "measured_steps": len(seconds),
         "num_generations": args.num_generations, "max_completion_length": args.max_completion_length,
-        "beta": args.beta, "torch_threads": torch.get_num_threads(),
+        "beta": args.beta, "batch_size": B, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 7 and 6, in one call on one GPU (a lent H200 here; any CUDA machine
+# with torch works). Random weights with Qwen2.5-VL-3B's dimensions, bf16, nothing downloaded:
+#
+#   1. grpo_min vs TRL's GRPOTrainer (scripts/bench_vs_trl.py): 8 completions x 256 tokens, beta 0.04,
+#      448 px images, 1 and 4 prompts per step; tokens per second and peak GPU memory.
+#   2. train.py for a few steps under torchrun on the one GPU, with DDP and with --fsdp (FSDP2):
+#      step time and peak GPU memory from metrics.jsonl.
+#
+#   OUT=runs/gpu_check bash scripts/gpu_check.sh
+#
+# TRL is not part of the project: where the machine lacks it, put its wheels (and transformers 5.24.0,
+# datasets, dill, multiprocess) in .whl/ and they are installed into /tmp/site first.
+# Results go to $OUT: env.txt, bench.txt (the table is at its end), bench_results.jsonl, bench_log.txt,
+# train.txt and train-{ddp,fsdp}.jsonl.
+set -u
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+WHEELS=${WHEELS:-.whl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export GRPO_MIN_CACHE=${GRPO_MIN_CACHE:-/tmp/grpo_min_cache}
+# Overridable for a dry run on a CPU: MODEL_CONFIG=tiny DTYPE=float32 LENGTH=16 SIZE=112 bash scripts/gpu_check.sh
+MODEL_CONFIG=${MODEL_CONFIG:-3b} DTYPE=${DTYPE:-bfloat16} LENGTH=${LENGTH:-256} SIZE=${SIZE:-448}
+STEPS=${STEPS:-3} TRAIN_STEPS=${TRAIN_STEPS:-3}
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+  python3 -c "import trl, datasets, pyarrow; print('trl', trl.__version__, 'datasets', datasets.__version__,
+'pyarrow', pyarrow.__version__)"; } 2>&1 | tee "$OUT/env.txt"
+
+echo "== 1. grpo_min vs TRL, 3B-sized, bf16, 8 x 256 tokens, 448 px, 1 and 4 prompts per step"
+timeout ${BENCH_TIMEOUT:-330} python3 scripts/bench_vs_trl.py --models "$MODEL_CONFIG" --dtype "$DTYPE" \
+    --max-completion-length "$LENGTH" --batch-sizes 1 4 --sizes "$SIZE" --runs 1 --steps "$STEPS" --trl-python python3 --out /tmp/bench_vs_trl \
+    --timeout 150 2>&1 | tee "$OUT/bench.txt"
+cp /tmp/bench_vs_trl/results.jsonl "$OUT/bench_results.jsonl" 2>/dev/null
+cp /tmp/bench_vs_trl/log.txt "$OUT/bench_log.txt" 2>/dev/null
+
+echo "== 2. train.py on one GPU, DDP and FSDP2 (torchrun --nproc_per_node=1)"
+MODEL=$(ls -d "$GRPO_MIN_CACHE/bench/$MODEL_CONFIG-seed0-$DTYPE")
+for mode in ddp fsdp; do
+    extra=""; [ "$mode" = fsdp ] && extra="--fsdp"
+    timeout ${TRAIN_TIMEOUT:-120} python3 -m torch.distributed.run --nproc_per_node=1 train.py --model "$MODEL" --dtype "$DTYPE" \
+        --max-steps "$TRAIN_STEPS" --batch-size 1 --num-generations 8 --max-completion-length "$LENGTH" --eval-steps 0 \
+        --eval-limit 8 --semantic-model none --output-dir "/tmp/train-$mode" $extra 2>&1 | tail -n 25 | tee -a "$OUT/train.txt"
+    cp "/tmp/train-$mode/metrics.jsonl" "$OUT/train-$mode.jsonl" 2>/dev/null
+    python3 - "$mode" "/tmp/train-$mode/metrics.jsonl" <<'EOF' 2>&1 | tee -a "$OUT/train.txt"
+import json, statistics, sys
+mode, path = sys.argv[1:]
+try:
+    rows = [json.loads(l) for l in open(path)]
+except OSError:
+    sys.exit(f"{mode}: no metrics.jsonl")
+later = rows[1:] or rows  # the first step includes CUDA/compile warm-up
+print(f"train.py {mode}: {len(rows)} steps, median step {statistics.median(r['step_time_s'] for r in later):.2f} s "
+      f"(generate {statistics.median(r['generate_s'] for r in later):.2f} s), peak GPU "
+      f"{max(r.get('peak_gpu_mb', 0) for r in rows) / 1024:.1f} GiB, {rows[-1]['completion_tokens']} completion tokens/step")
+EOF
+done
