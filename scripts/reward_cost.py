@@ -1,0 +1,48 @@
+"""What the rewards (the semantic one included) cost inside the default training run.
+
+    python scripts/reward_cost.py                 # 40 steps of `python train.py`, then one line
+    python scripts/reward_cost.py --steps 100 -- --semantic-model none
+
+Runs train.py in this process with ``rewards.score_completions`` wrapped by a timer, and prints the
+mean seconds per step spent scoring (format, spatial and, when on, the semantic scorer's batched
+forward) against the mean step time without it. Step 1 is left out (warm-up). Measuring inside one
+run avoids comparing two runs whose trajectories (and so completion lengths) differ.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import rewards as R  # noqa: E402
+import train  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--output-dir", default="runs/reward_cost")
+    p.add_argument("train_args", nargs="*", help="more train.py options (after --)")
+    args = p.parse_args()
+    spent, plain = [], R.score_completions
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        out = plain(*a, **k)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    train.R.score_completions = timed
+    train.main(["--max-steps", str(args.steps), "--eval-steps", "0", "--output-dir", args.output_dir,
+                *args.train_args])
+    steps = [json.loads(l)["step_time_s"] for l in open(Path(args.output_dir) / "metrics.jsonl")][1:]
+    scoring, step = statistics.mean(spent[1:]), statistics.mean(steps)
+    print(f"rewards: {scoring:.4f} s per step of {step:.4f} s; without them a step would take {step - scoring:.4f} s, "
+          f"so they add {100 * scoring / (step - scoring):.1f}%")
+
+
+if __name__ == "__main__":
+    main()
