@@ -154,6 +154,36 @@ def test_warm_start_is_deterministic(tmp_path, monkeypatch):
     assert all(torch.equal(builds[0][k], builds[1][k]) for k in builds[0])
 
 
+def test_warm_start_overrides_reach_the_build(tmp_path, monkeypatch):
+    """An override (e.g. loose_pad) must change what is trained, not only the cache key."""
+    monkeypatch.setenv("GRPO_MIN_CACHE", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(tiny, "warm_start", lambda model, processor, template, seed=0, **kw: seen.update(kw) or model)
+    path = tiny.tiny_model_path(seed=0, steps=1, loose_pad=0.5)
+    assert seen == {"steps": 1, "loose_pad": 0.5}
+    assert json.loads((path / "recipe.json").read_text())["loose_pad"] == 0.5
+
+
+def test_warm_start_targets_are_loose_boxes():
+    """Default targets pad the truth by WARM_START['loose_pad'] per side: IoU 1 / (1 + 2 pad)^2 when unclipped."""
+    from grpo_min.boxes import iou, parse_answer
+
+    pad = tiny.WARM_START["loose_pad"]
+    samples = [s for s in data.SyntheticDataset("val", seed=0)][:40]
+    checked = 0
+    for s in samples:
+        x1, y1, x2, y2 = s.box
+        w, h = x2 - x1, y2 - y1
+        if x1 - pad * w < 0 or y1 - pad * h < 0 or x2 + pad * w > s.width or y2 + pad * h > s.height:
+            continue  # clipped at the border: a different IoU
+        answer = parse_answer(tiny.warm_start_target(s, (s.width, s.height)))  # same frame as the data
+        assert answer is not None
+        assert iou(answer, s.box) == pytest.approx(1 / (1 + 2 * pad) ** 2, abs=0.03)  # integer rounding
+        checked += 1
+    assert checked >= 10
+    assert 1 / (1 + 2 * pad) ** 2 < 0.5  # a faithful copy of a warm-start box fails Acc@0.5: GRPO must tighten
+
+
 def test_tiny_model_round_trips_through_plain_transformers(tiny_model_dir, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
