@@ -321,7 +321,8 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
     panels = [("reward by component (mean per completion)", {k: series(k) for k in reward_keys}),
               ("KL to the reference (k3, token mean)", {"kl": series("kl")}),
               ("completion length (tokens)", {"completion_length": series("completion_length")}),
-              ("held-out evaluation (%; test: before GRPO at 0, after at the end)", {"val Acc@0.5": series("eval/acc@0.5"), "val mIoU": series("eval/miou")})]
+              ("held-out evaluation (%; test: before GRPO at 0, after at the end)",
+               {"val Acc@0.5": series("eval/acc@0.5"), "val mIoU": series("eval/miou")})]
     summary = run_dir / "summary.json"
     if summary.exists() and records:  # the test split before and after GRPO, at step 0 and the last step
         s, last = json.loads(summary.read_text()), max(r.get("step", 0) for r in records)

@@ -164,7 +164,8 @@ def warm_start(model, processor, template: str, seed: int = 0, steps: int = WARM
         idx = torch.randint(len(train), (batch_size,), generator=gen).tolist()
         samples = [train[i] for i in idx]
         prompts = encode_prompts(processor, [s.load_image() for s in samples], [s.text for s in samples], template)
-        targets = [warm_start_target(s, size, loose_pad) + "<|im_end|>" for s, size in zip(samples, prompts.resized_sizes)]
+        targets = [warm_start_target(s, size, loose_pad) + "<|im_end|>"
+                   for s, size in zip(samples, prompts.resized_sizes)]
         tok.padding_side = "right"
         enc = tok(targets, padding=True, return_tensors="pt", add_special_tokens=False)
         logps = completion_logps(model, prompts, enc["input_ids"], enc["attention_mask"].float(), group_size=1)
@@ -195,7 +196,8 @@ def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> 
     recipe = dict(WARM_START, **overrides, version=RECIPE_VERSION, data_version=SYNTHETIC_VERSION, seed=seed,
                   template=template)
     recipe.setdefault("image_pixels", IMAGE_PIXELS)
-    steps_kw = {k: v for k, v in overrides.items() if k in ("steps", "batch_size", "learning_rate", "warmup_steps", "loose_pad")}
+    steps_kw = {k: v for k, v in overrides.items() if k in ("steps", "batch_size", "learning_rate", "warmup_steps",
+                                                            "loose_pad")}
 
     def build():
         print(f"Building the tiny Qwen2.5-VL (seed {seed}) and warm-starting it on synthetic data")

@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from grpo_min.bench import PHRASES, random_model, synthetic_image  # noqa: E402
 from grpo_min.prompts import CHAIN_OF_BOX, render_question  # noqa: E402
 from grpo_min.tiny import build_processor, cache_dir  # noqa: E402
@@ -43,8 +45,6 @@ G, L, BETA = 8, 32, 0.04
 
 def model_folder(name: str, seed: int = 0, dtype: str = "float32") -> Path:
     """The random-weight model ``name`` saved as a Qwen2.5-VL folder (built once, then reused)."""
-    import torch
-
     path = cache_dir() / "bench" / f"{name}-seed{seed}-{dtype}"
     if (path / "config.json").exists():
         return path
@@ -100,8 +100,6 @@ def main():
     started = time.strftime("%Y-%m-%d %H:%M")
     print(f"{started}, {platform.node()}, {os.cpu_count()} cores, load average at start {os.getloadavg()}")
     log = open(out / "log.txt", "w")
-    import torch
-
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")

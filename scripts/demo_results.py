@@ -64,7 +64,8 @@ def main():
             status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode}), see {folder / 'train.log'}"
             print(f"{variant} seed {seed}: {status}", flush=True)
 
-    print("\n| rewards | seed | test Acc@0.5 before -> after | mIoU before -> after | parse failures before -> after | wall |")
+    print("\n| rewards | seed | test Acc@0.5 before -> after | mIoU before -> after | "
+          "parse failures before -> after | wall |")
     print("|---|---|---|---|---|---|")
     for variant in args.variants:
         gains = []
