@@ -1,4 +1,5 @@
 """The core: synthetic data, the tiny model, rollouts, and a short end-to-end training run."""
+import copy
 import json
 import subprocess
 import sys
@@ -221,6 +222,28 @@ def test_train_help():
         assert option in out.stdout
 
 
+def test_fused_adamw_makes_the_same_updates_as_the_default(random_tiny):
+    from train import Config, make_optimizer
+
+    model, _ = random_tiny
+    copies = {name: copy.deepcopy(model) for name in ("adamw_torch_fused", "adamw_torch")}
+    optimizers = {name: make_optimizer(m, Config(optim=name, learning_rate=1e-3, weight_decay=0.01,
+                                                 warmup_steps=2), 10) for name, m in copies.items()}
+    assert optimizers["adamw_torch_fused"][0].defaults["fused"] is True
+    assert not optimizers["adamw_torch"][0].defaults["fused"]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):  # the same random gradients for both, then one update each
+        grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+        for name, m in copies.items():
+            for p, grad in zip(m.parameters(), grads):
+                p.grad = grad.clone()
+            opt, sched = optimizers[name]
+            opt.step(), sched.step()
+    fused, plain = (list(m.parameters()) for m in copies.values())
+    assert any(not torch.equal(a, b) for a, b in zip(fused, model.parameters()))  # the weights moved
+    assert max((a - b).abs().max().item() for a, b in zip(fused, plain)) < 1e-6
+
+
 REQUIRED_KEYS = {"step", "reward", "reward/format", "reward/spatial", "reward_std", "frac_zero_std",
                  "parse_failure_rate", "kl", "clip_fraction", "loss", "grad_norm", "completion_length",
                  "completion_tokens", "step_time_s", "lr"}
@@ -247,6 +270,27 @@ def test_two_step_training_run(tiny_model_dir, tmp_path):
 
     AutoModelForImageTextToText.from_pretrained(out_dir / "final")
     assert json.loads((out_dir / "config.json").read_text())["num_iterations"] == 2
+
+
+def test_sampling_does_not_depend_on_whether_the_model_was_built_or_loaded(tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny demo builds its model on first use, which draws random numbers; the next run loads it."""
+    import train
+    from grpo_min.models import resolve_model_path
+
+    def building(model, seed=0):  # as on a first run: the build consumes the global generator
+        torch.rand(1000)
+        return resolve_model_path(model, seed)
+
+    rewards = []
+    for resolve in (resolve_model_path, building):
+        monkeypatch.setattr(train, "resolve_model_path", resolve)
+        out = tmp_path / resolve.__name__
+        train.main(["--model", str(tiny_model_dir), "--max-steps", "2", "--batch-size", "2", "--num-generations", "4",
+                    "--max-completion-length", "16", "--eval-steps", "0", "--eval-limit", "2",
+                    "--semantic-model", "none", "--output-dir", str(out)])
+        lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        rewards.append([(l["reward"], l["completion_tokens"], l["loss"]) for l in lines])
+    assert len(rewards[0]) == 2 and rewards[0] == rewards[1]
 
 
 def test_rewards_never_raise_and_count_failures():
