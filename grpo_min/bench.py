@@ -196,6 +196,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--learning-rate", type=float, default=1e-6, help="AdamW learning rate")
+    p.add_argument("--optim", default="adamw_torch_fused", choices=("adamw_torch_fused", "adamw_torch"),
+                   help="AdamW implementation, as train.py's --optim")
     p.add_argument("--seed", type=int, default=0, help="seed for the random model, the image and sampling")
     p.add_argument("--no-image-once", action="store_true",
                    help="score on the plain path: every completion row carries its prompt and image, so both go "
@@ -216,7 +218,7 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     policy, reference, processor = load_models(args, device, dtype)
-    optimizer, scheduler = make_optimizer(policy, Config(learning_rate=args.learning_rate), args.steps)
+    optimizer, scheduler = make_optimizer(policy, Config(learning_rate=args.learning_rate, optim=args.optim), args.steps)
     S, G = args.image_size, args.num_generations
     images = [synthetic_image(S, args.seed + i) for i in range(args.batch_size)]
     box = (S // 4, S // 4, S // 2, S // 2)  # any box: the reward's cost does not depend on it
@@ -258,7 +260,8 @@ def main(argv=None):
         "model": source, "parameters_m": round(n_params / 1e6, 2), "image_size": S, "visual_tokens": visual_tokens,
         "num_generations": G, "batch_size": args.batch_size, "max_completion_length": args.max_completion_length,
         "beta": args.beta, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
-        "image_once": not args.no_image_once, "measured_steps": len(measured),
+        "image_once": not args.no_image_once, "fused_adamw": bool(optimizer.defaults.get("fused")),
+        "measured_steps": len(measured),
         "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
