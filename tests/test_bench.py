@@ -46,6 +46,9 @@ def test_step_floor_counts_the_scoring_arithmetic():
     assert out["scoring_gflop"] > 0 and out["generate_gflop"] > 0
     assert 1.0 < out["step_over_generate_floor"] <= out["step_over_generate_without_optimizer"] + 1e-9
     assert out["best_matmul_gflop_per_s"] > 0
+    # The profiler finds the scoring passes' matrix products, and they are only part of those passes.
+    assert 0 < out["scoring_matmul_kernel_s"] < out["scoring_s"]
+    assert 1.0 < out["step_over_generate_matmul_only"] < out["step_over_generate_without_optimizer"]
 
 
 def test_fast_paths_give_the_plain_paths_logps_and_gradients(monkeypatch):
