@@ -101,9 +101,18 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
     ids = special_token_ids(processor)
     config = sampling_config(ids, num_generations, max_new_tokens, temperature, greedy)
     was_training = model.training
+    # generate() fills every field left None in `config` from the model's own generation_config
+    # (the checkpoint's generation_config.json): Qwen2.5-VL-Instruct ships repetition_penalty 1.05,
+    # and a fine-tuned folder may carry no_repeat_ngram_size, min_length, ... Any of these would
+    # sample from a distribution that the loss's log-probs do not describe, so a blank one stands in
+    # while sampling: only `config` and the library's neutral defaults apply.
+    saved_defaults, model.generation_config = model.generation_config, GenerationConfig()
     model.eval()
-    out = model.generate(**prompts.inputs, generation_config=config, synced_gpus=synced_gpus)  # (B*G, P+T)
-    model.train(was_training)
+    try:
+        out = model.generate(**prompts.inputs, generation_config=config, synced_gpus=synced_gpus)  # (B*G, P+T)
+    finally:
+        model.generation_config = saved_defaults
+        model.train(was_training)
     completion_ids = out[:, prompts.inputs["input_ids"].shape[1]:]  # (B*G, T)
     mask = completion_mask_from_ids(completion_ids, ids["eos"])  # (B*G, T)
     completion_ids = completion_ids.masked_fill(mask == 0, ids["pad"])

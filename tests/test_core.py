@@ -143,6 +143,34 @@ def test_logps_match_the_sampling_distribution(random_tiny):
     torch.testing.assert_close(got * mask, expected * mask, atol=1e-4, rtol=0)
 
 
+def test_the_checkpoints_own_sampling_defaults_do_not_change_the_samples(random_tiny):
+    """A checkpoint's generation_config.json (Qwen2.5-VL-Instruct ships repetition_penalty 1.05) must
+    not reach sampling: the samples would then come from a distribution the loss does not score."""
+    model, processor = random_tiny
+    _, prompts = _prompts(processor, n=2)
+
+    def sample():
+        torch.manual_seed(0)
+        return generate_completions(model, processor, prompts, num_generations=3, max_new_tokens=12).completion_ids
+
+    plain = sample()
+    saved = model.generation_config
+    hostile = copy.deepcopy(saved)
+    hostile.repetition_penalty, hostile.no_repeat_ngram_size, hostile.min_new_tokens = 3.0, 1, 12
+    hostile.top_k, hostile.top_p, hostile.typical_p, hostile.temperature = 1, 0.01, 0.2, 0.05
+    model.generation_config = hostile
+    try:
+        assert torch.equal(sample(), plain)
+        assert model.generation_config is hostile  # and the model's own config is left as it was
+        # The same hostile config passed to generate() directly does change the samples: the test can fail.
+        torch.manual_seed(0)
+        direct = model.generate(**prompts.inputs, generation_config=sampling_config(
+            special_token_ids(processor), num_generations=3, max_new_tokens=12))
+        assert not torch.equal(direct[:, prompts.inputs["input_ids"].shape[1]:], plain)
+    finally:
+        model.generation_config = saved
+
+
 def test_warm_start_is_deterministic(tmp_path, monkeypatch):
     builds = []
     for k in range(2):
