@@ -226,6 +226,18 @@ class Preemption:
         return dist.all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
 
 
+def load_policy(path, cfg: Config, dtype, device):
+    """(policy, processor, box frame): the model to train, in training mode, with the memory options."""
+    policy, processor, frame = load_model(path, dtype=dtype, device=device, min_pixels=cfg.min_pixels,
+                                          max_pixels=cfg.max_pixels)
+    policy.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
+    if cfg.freeze_vision:
+        policy.model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy, processor, frame
+
+
 def warn_config_changes(saved: dict, cfg: Config):
     ignore = {"resume", "output_dir", "max_steps", "num_train_epochs", "eval_steps", "save_steps", "save_total_limit"}
     changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in ignore and saved.get(k) != v}
@@ -252,13 +264,8 @@ def main(argv=None):
     dtype = resolve_dtype(cfg.dtype, device)
     model_path = dist.on_main_first(lambda: resolve_model_path(cfg.model, cfg.seed))
     # Resuming loads the policy from the checkpoint; the reference is always the starting model.
-    policy, processor, frame = load_model(resume_path or model_path, dtype=dtype, device=device,
-                                          min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    policy, processor, frame = load_policy(resume_path or model_path, cfg, dtype, device)
     reference = load_reference(model_path, dtype=dtype, device=device) if cfg.beta > 0 else None
-    if cfg.freeze_vision:
-        policy.model.visual.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     template = load_template(cfg.template)
     semantic_scorer = load_semantic_scorer(cfg, device)
     reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,

@@ -178,6 +178,29 @@ def test_fsdp_two_ranks_trains_checkpoints_and_resumes_exactly(tiny_model_dir, t
     assert [without_timing(l) for l in metrics(first)[1:]] == [without_timing(l) for l in metrics(resumed)]
 
 
+def test_gradient_checkpointing_takes_effect(tiny_model_dir):
+    """--gradient-checkpointing recomputes layers in the backward. from_pretrained returns a model in
+    eval mode, where transformers silently skips checkpointing: train.py's policy must be in train mode."""
+    import data
+    import train
+    from grpo_min.prompts import CHAIN_OF_BOX
+    from grpo_min.rollout import completion_logps, encode_prompts, generate_completions
+
+    cfg = train.parse_config(["--model", str(tiny_model_dir), "--gradient-checkpointing"])
+    policy, processor, _ = train.load_policy(tiny_model_dir, cfg, torch.float32, torch.device("cpu"))
+    sample = data.synthetic_sample(0, "val")
+    prompts = encode_prompts(processor, [sample.load_image()], [sample.text], CHAIN_OF_BOX)
+    rollout = generate_completions(policy, processor, prompts, num_generations=2, max_new_tokens=8)
+    assert policy.training  # sampling switches to eval mode and back
+    calls = []
+    # a pre-hook: torch stops a recomputation as soon as it has what the backward needs, before the MLP returns
+    policy.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    logps = completion_logps(policy, prompts, rollout.completion_ids, rollout.completion_mask, group_size=2)
+    assert calls == [True]  # one language-model pass: checkpointing drops the KV cache, so no prompt-sharing
+    (logps * rollout.completion_mask).sum().backward()
+    assert calls == [True, True]  # the layer ran again in the backward
+
+
 def test_memory_options_run(tiny_model_dir, tmp_path):
     """--gradient-checkpointing (scoring falls back to shared image features), accumulation, frozen vision."""
     out = tmp_path / "mem"
