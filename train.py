@@ -25,7 +25,8 @@ import rewards as R
 from data import DATASETS, DatasetError, check_images, load_dataset
 from evaluate import metrics_of, predict
 from grpo_min import dist
-from grpo_min.checkpoint import check_checkpoint, find_resume_path, load_checkpoint, save_checkpoint, save_model
+from grpo_min.checkpoint import (CheckpointError, check_checkpoint, check_output_dir, find_resume_path,
+                                 load_checkpoint, save_checkpoint, save_model)
 from grpo_min.loss import group_advantages, grpo_loss
 from grpo_min.models import load_model, load_reference, resolve_dtype, resolve_model_path
 from grpo_min.prompts import load_template
@@ -148,15 +149,18 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def prompt_indices(step: int, micro: int, cfg: Config, n: int) -> list[int]:
+def prompt_indices(step: int, micro: int, cfg: Config, n: int, origin: tuple[int, int] = (0, 0)) -> list[int]:
     """Which training samples micro-batch ``micro`` of ``step`` uses on this rank.
 
-    The data order is a fixed function of (seed, step), so a resumed run sees exactly the prompts an
-    uninterrupted one would: each epoch is a seeded permutation, consumed in order, every rank taking
-    its own slice (a group never spans ranks).
+    The data order is a fixed function of the seed: each epoch is a seeded permutation, consumed in
+    order, every rank taking its own slice (a group never spans ranks). ``origin`` = (step, position
+    in that stream) of the checkpoint a run resumed from, (0, 0) for a fresh run: a resumed run then
+    continues exactly where the interrupted one stopped, even on another number of ranks or with
+    another batch size.
     """
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
-    start = step * per_step + (micro * dist.world_size() + dist.rank()) * cfg.batch_size
+    origin_step, origin_position = origin
+    start = origin_position + (step - origin_step) * per_step + (micro * dist.world_size() + dist.rank()) * cfg.batch_size
     return [int(epoch_order(cfg.seed, epoch, n)[pos]) for epoch, pos in
             (divmod(k, n) for k in range(start, start + cfg.batch_size))]
 
@@ -254,6 +258,7 @@ def main(argv=None):
     resume_path = find_resume_path(cfg.resume, out) if cfg.resume else None
     if resume_path is not None:
         check_checkpoint(resume_path)
+    check_output_dir(out, resume_path)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -294,12 +299,17 @@ def main(argv=None):
                 model.reshard()  # the root stays unsharded after a forward; the optimizer must see the shards
     optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
 
-    start_step, bad_steps = 0, 0
+    start_step, bad_steps, origin = 0, 0, (0, 0)
     if resume_path is not None:
         state = load_checkpoint(resume_path, policy, optimizer, scheduler)
         warn_config_changes(state["config"], cfg)
         start_step, before = state["step"], state["before"]
-        dist.print0(f"resumed from {resume_path} at step {start_step}")
+        origin = (start_step, state.get("data_position", start_step * per_step))
+        dist.print0(f"resumed from {resume_path} at step {start_step} (training prompt {origin[1]})")
+        if state.get("world_size") != dist.world_size():
+            dist.print0(f"WARNING: the checkpoint was written by {state.get('world_size')} processes, this run has "
+                        f"{dist.world_size()}: the data continues where it stopped, but sampling starts from freshly "
+                        "seeded generators, so the run will not repeat the uninterrupted one exactly.")
     else:
         before, _ = evaluate_split(raw, processor, test_set, template, frame, cfg, device)
         dist.print0(f"before GRPO, test: {json.dumps(before)}")
@@ -316,7 +326,8 @@ def main(argv=None):
 
     def checkpoint(step):
         return save_checkpoint(out, step, policy, processor, optimizer, scheduler,
-                               {"config": asdict(cfg), "before": before, "data_position": step * per_step},
+                               {"config": asdict(cfg), "before": before,
+                                "data_position": origin[1] + (step - origin[0]) * per_step},
                                cfg.save_total_limit)
 
     # ------------------------------------------------------------------ the GRPO loop
@@ -326,7 +337,7 @@ def main(argv=None):
         # 1. Sample G completions for each prompt of each micro-batch, and score them.
         rollouts, all_scores = [], []
         for micro in range(cfg.gradient_accumulation_steps):
-            samples = [train_set[i] for i in prompt_indices(step, micro, cfg, len(train_set))]
+            samples = [train_set[i] for i in prompt_indices(step, micro, cfg, len(train_set), origin)]
             images = [s.load_image() for s in samples]
             prompts = encode_prompts(processor, images, [s.text for s in samples], template, device=device)
             rollout = generate_completions(raw, processor, prompts, num_generations=G, synced_gpus=cfg.fsdp,
@@ -374,7 +385,9 @@ def main(argv=None):
                     # gradients); the other types average over micro-batches.
                     (loss if cfg.loss_type == "dapo" else loss / len(rollouts)).backward()
                     total_loss += loss.detach()
-                stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / len(rollouts) / cfg.num_iterations
+                # logged as it was backpropagated: dapo's micro-batch losses add up, the others average
+                share = 1 if cfg.loss_type == "dapo" else len(rollouts)
+                stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / share / cfg.num_iterations
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / len(rollouts) / cfg.num_iterations
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
@@ -387,6 +400,7 @@ def main(argv=None):
                 optimizer.zero_grad(set_to_none=True)
                 break
             optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update used (read before the schedule moves on)
         scheduler.step()
         bad_steps = bad_steps + 1 if skipped else 0
 
@@ -415,7 +429,7 @@ def main(argv=None):
                   "completion_length": summed["completion_length"] / n_completions,
                   "completion_tokens": int(summed["completion_tokens"]),
                   "generate_s": round(t_gen, 3), "step_time_s": round(time.time() - t0, 3),
-                  "lr": scheduler.get_last_lr()[0], "skipped_update": skipped}
+                  "lr": lr, "skipped_update": skipped}
         if device.type == "cuda":  # this rank's peak since the start (weights, optimizer, activations, cache)
             record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
         if dist.world_size() > 1 and not cfg.fsdp:  # DDP: every rank must hold the same weights; check it
@@ -464,4 +478,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except CheckpointError as e:  # a refused checkpoint or output folder: the message says what to do
+        sys.exit(f"error: {e}")

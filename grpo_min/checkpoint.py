@@ -77,8 +77,9 @@ def save_checkpoint(out_dir: Path, step: int, model, processor, optimizer, sched
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        if save_total_limit:
-            for old in complete_checkpoints(out_dir)[:-save_total_limit]:
+        if save_total_limit:  # the newest others, up to the limit, stay; the one just written always does
+            others = [p for p in complete_checkpoints(out_dir) if p != final]
+            for old in others[:max(0, len(others) - (save_total_limit - 1))]:
                 shutil.rmtree(old)
     dist.barrier()
     return final
@@ -99,6 +100,27 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     """Finished checkpoints in ``out_dir``, oldest first (half-written ``.tmp`` folders are ignored)."""
     found = [p for p in Path(out_dir).glob("checkpoint-*") if _NAME.match(p.name) and (p / MARKER).exists()]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def check_output_dir(out_dir: Path, resume_path: Path | None):
+    """Refuse to mix two runs' checkpoints in one folder, before anything is trained.
+
+    Pruning and ``--resume auto`` go by step number, so a fresh run next to an earlier run's
+    ``checkpoint-300`` would have its own ``checkpoint-50`` pruned, and resume the other run.
+    """
+    found = complete_checkpoints(out_dir)
+    if resume_path is None and found:
+        raise CheckpointError(
+            f"{out_dir} already holds checkpoints of an earlier run ({', '.join(p.name for p in found)}). Continue "
+            "that run with --resume auto, or start this one in another --output-dir (or delete those folders).")
+    if resume_path is not None:
+        step = json.loads((Path(resume_path) / "trainer_state.json").read_text())["step"]
+        later = [p for p in found if int(_NAME.match(p.name).group(1)) > step]
+        if later:
+            raise CheckpointError(
+                f"{out_dir} holds {', '.join(p.name for p in later)}, later than the step-{step} checkpoint this run "
+                "resumes from: its new checkpoints would be pruned in their favour and --resume auto would pick "
+                "them. Resume into another --output-dir, or move those folders away.")
 
 
 def find_resume_path(resume: str, out_dir: Path) -> Path | None:

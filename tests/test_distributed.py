@@ -134,6 +134,55 @@ def test_corrupt_or_half_written_checkpoints_are_refused(straight1, tiny_model_d
     assert complete_checkpoints(straight) == [straight / "checkpoint-2", straight / "checkpoint-4"]
 
 
+def test_an_output_dir_never_mixes_two_runs_checkpoints(straight1, tiny_model_dir, tmp_path):
+    """A fresh run next to an earlier run's checkpoints, or a resume from an earlier step next to
+    later ones, stops before training: pruning and --resume auto go by step number."""
+    used = tmp_path / "used"
+    shutil.copytree(straight1, used)  # checkpoint-2 and checkpoint-4
+    for extra, message in (((), "already holds checkpoints of an earlier run (checkpoint-2, checkpoint-4)"),
+                           (("--resume", str(used / "checkpoint-2")), "holds checkpoint-4, later than the step-2")):
+        result = subprocess.run([sys.executable] + small_run(tiny_model_dir, used, "--max-steps", "4", *extra),
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in used.iterdir()) == sorted(p.name for p in straight1.iterdir())  # nothing touched
+
+
+def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
+    from grpo_min import tiny
+    from grpo_min.checkpoint import complete_checkpoints, save_checkpoint
+
+    processor = tiny.build_processor()
+    model = tiny.build_model(processor, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    for step in (300, 400):  # left by some other timeline
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "COMPLETE").write_text("ok\n")
+    save_checkpoint(tmp_path, 50, model, processor, optimizer, scheduler, {}, save_total_limit=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-50", "checkpoint-400"]
+    save_checkpoint(tmp_path, 60, model, processor, optimizer, scheduler, {}, save_total_limit=1)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-60"]
+
+
+def test_resuming_on_another_number_of_ranks_continues_the_data(straight2, tiny_model_dir, tmp_path):
+    """A checkpoint of 2 ranks resumed on 1: the data goes on from the saved position (not from
+    step x the new prompts per step, which would repeat prompts), and the run says what differs."""
+    import train
+
+    cfg = train.parse_config(["--model", str(tiny_model_dir), "--batch-size", "2"])
+    order = train.epoch_order(cfg.seed, 0, 2000)
+    # 2 ranks x 2 prompts per step: steps 0-1 used positions 0-7; a 1-rank resume at step 2 takes 8, 9, 10, 11.
+    resumed = [train.prompt_indices(step, 0, cfg, 2000, origin=(2, 8)) for step in (2, 3)]
+    assert resumed == [order[8:10].tolist(), order[10:12].tolist()]
+    assert train.prompt_indices(2, 0, cfg, 2000) == order[4:6].tolist()  # what a fresh 1-rank run would use
+    result = run(small_run(tiny_model_dir, tmp_path / "r", "--max-steps", "3",
+                           "--resume", str(straight2 / "checkpoint-2")))
+    assert "at step 2 (training prompt 8)" in result.stdout
+    assert "written by 2 processes, this run has 1" in result.stdout
+    assert [l["step"] for l in metrics(tmp_path / "r")] == [3]
+
+
 def test_non_finite_updates_are_skipped_then_the_run_stops(tiny_model_dir, tmp_path, monkeypatch):
     import train
 
@@ -205,9 +254,10 @@ def test_memory_options_run(tiny_model_dir, tmp_path):
     """--gradient-checkpointing (scoring falls back to shared image features), accumulation, frozen vision."""
     out = tmp_path / "mem"
     run(small_run(tiny_model_dir, out, "--max-steps", "2", "--gradient-checkpointing",
-                  "--gradient-accumulation-steps", "2", "--freeze-vision"))
+                  "--gradient-accumulation-steps", "2", "--freeze-vision", "--warmup-steps", "2"))
     lines = metrics(out)
     assert [l["step"] for l in lines] == [1, 2]
+    assert [l["lr"] for l in lines] == pytest.approx([5e-4, 1e-3])  # the rate each update used (warm-up 1/2, 2/2)
     # 2 micro-batches x 2 prompts x 4 completions per step
     assert all(l["completion_tokens"] == pytest.approx(l["completion_length"] * 2 * 2 * 4) for l in lines)
     start, end = weights(tiny_model_dir), weights(out / "final")
