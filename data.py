@@ -372,6 +372,14 @@ def _root(dataset: str, data_root: str | Path | None, expected: str) -> Path:
     return root
 
 
+def _read_json(file: Path, dataset: str):
+    """A whole JSON annotation file; a DatasetError naming it when it cannot be decoded."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{dataset}: {file} is not valid JSON ({e}); was it cut off while downloading?") from None
+
+
 class _BadRow(ValueError):
     """A malformed annotation row: skipped and counted under ``reason``; ``detail`` goes in the examples."""
 
@@ -633,20 +641,30 @@ def _ms_cxr_csv_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list
 
 def _ms_cxr_json_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list[_Row]:
     """COCO-style: several image ids may name one file, so rows are keyed on the image's ``path``."""
-    data = json.loads(file.read_text(encoding="utf-8"))
-    images = {im.get("id"): im for im in data.get("images", [])}
-    categories = {c.get("id"): c.get("name") for c in data.get("categories", [])}
+    data = _read_json(file, "ms-cxr")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise DatasetError(f"ms-cxr: {file} is not COCO-style: expected an object with 'images' and 'annotations' lists")
+    hashable = lambda v: isinstance(v, (int, str))  # ids are numbers (or strings); anything else matches nothing
+    images = {im.get("id"): im for im in data.get("images", []) if isinstance(im, dict) and hashable(im.get("id"))}
+    categories = {c.get("id"): c.get("name") for c in data.get("categories", [])
+                  if isinstance(c, dict) and hashable(c.get("id"))}
     rows, resolved = [], {}
-    for k, ann in enumerate(data.get("annotations", [])):
+    for k, ann in enumerate(data["annotations"]):
         where = f"{file.name} annotations[{k}]"
         try:
-            image = images.get(ann.get("image_id"))
+            if not isinstance(ann, dict):
+                raise _BadRow("malformed entry", f"a {type(ann).__name__}, expected an object")
+            image = images.get(ann.get("image_id")) if hashable(ann.get("image_id")) else None
             if image is None:
                 raise _BadRow("image_id not among the images", repr(ann.get("image_id")))
             path, bbox = image.get("path") or image.get("file_name"), ann.get("bbox")
             if not path or not isinstance(bbox, list) or len(bbox) != 4:
                 raise _BadRow("missing columns", "path" if not path else "bbox")
-            rows.append(_ms_cxr_row(where, path, ann.get("label_text") or "", categories.get(ann.get("category_id")),
+            label = ann.get("label_text") or ""
+            if not isinstance(label, str) or not isinstance(path, str):
+                raise _BadRow("malformed entry", "label_text and path must be strings")
+            category = categories.get(ann.get("category_id")) if hashable(ann.get("category_id")) else None
+            rows.append(_ms_cxr_row(where, path, label, category,
                                     bbox, (image.get("width"), image.get("height")),
                                     ann.get("split", image.get("split")), roots, resolved))
         except _BadRow as e:
@@ -755,7 +773,7 @@ def _medrpg_pth_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list
 
 def _medrpg_json_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list[_Row]:
     """VLM-R1 style: ``[{"image", "problem" (a full question), "solution": [x1, y1, x2, y2]}, ...]``."""
-    entries = json.loads(file.read_text(encoding="utf-8"))
+    entries = _read_json(file, "medrpg")
     if not isinstance(entries, list):
         raise DatasetError(f"medrpg: {file} holds a {type(entries).__name__}, expected a list of "
                            '{"image": ..., "problem": ..., "solution": [x1, y1, x2, y2]}')
@@ -963,27 +981,65 @@ def _m3d_texts(file: Path) -> dict[str, str]:
     """text.json: region id (a string) -> English description."""
     if not file.is_file():
         raise _BadRow("text.json not found", str(file))
-    texts = json.loads(file.read_text(encoding="utf-8"))
+    try:
+        texts = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _BadRow("text.json unreadable", f"{file}: {e}") from None
+    if not isinstance(texts, dict):
+        raise _BadRow("text.json unreadable", f"{file}: a {type(texts).__name__}, expected {{region id: text}}")
     return {str(k): (v[0] if isinstance(v, list) and v else str(v)).strip() for k, v in texts.items()}
 
 
-def _read_volume(path: Path) -> np.ndarray:
-    """A CT or mask volume as (slices, rows, cols): axial slices in the radiological view.
+def _three_d(volume: np.ndarray, path: Path) -> np.ndarray:
+    """``volume`` with trailing size-1 axes dropped; a _BadRow naming ``path`` unless that leaves 3 axes."""
+    while volume.ndim > 3 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if volume.ndim != 3:
+        raise _BadRow("volume is not 3-D", f"{path}: shape {tuple(volume.shape)}")
+    return volume
 
-    NIfTI (needs nibabel) is reoriented to RAS (+x towards the patient's right, +y anterior), then each
-    axial slice is flipped so the patient's right is on the image's left and anterior at the top. The
-    .npy variant is M3D's preprocessed (1, D, H, W) array, used as stored.
+
+def _read_volumes(ct: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A case's CT and mask volumes, each as (slices, rows, cols): axial slices in the radiological view.
+
+    NIfTI (needs nibabel): both volumes are reoriented by the CT's affine to RAS (+x towards the
+    patient's right, +y anterior): the same reorientation for both (DATASETS.md), so that a mask saved
+    with a missing or different affine still lines up voxel for voxel with its CT. Then each axial
+    slice is flipped so the patient's right is on the image's left and anterior at the top. The .npy
+    variant is M3D's preprocessed (1, D, H, W) array, used as stored. An unreadable file is a _BadRow.
     """
-    if path.suffix == ".npy":
-        volume = np.load(path)  # allow_pickle stays False: only plain arrays
-        return volume.reshape(volume.shape[-3:])
+    if ct.suffix == ".npy":
+        volumes = []
+        for path in (ct, mask):
+            try:
+                volume = np.load(path)  # allow_pickle stays False: only plain arrays
+            except (OSError, ValueError) as e:
+                raise _BadRow("volume unreadable", f"{path}: {type(e).__name__}: {e}") from None
+            if volume.ndim < 3 or volume.size != int(np.prod(volume.shape[-3:])):
+                raise _BadRow("volume is not 3-D", f"{path}: shape {volume.shape}, expected (1, D, H, W)")
+            volumes.append(volume.reshape(volume.shape[-3:]))
+        return volumes[0], volumes[1]
     try:
         import nibabel
+        from nibabel import orientations
     except ImportError:
         raise DatasetError("m3d-refseg: reading the NIfTI volumes (ct.nii.gz, mask.nii.gz) needs nibabel: "
                            "pip install nibabel (the .npy variant, ct.npy / mask.npy, does not)") from None
-    volume = np.asanyarray(nibabel.as_closest_canonical(nibabel.load(str(path))).dataobj)  # (X, Y, Z) in RAS
-    return volume.transpose(2, 1, 0)[:, ::-1, ::-1]  # (Z, Y, X), rows anterior first, cols patient-right first
+    arrays, to_ras = [], None
+    for path in (ct, mask):
+        try:
+            image = nibabel.load(str(path))
+            volume = _three_d(np.asanyarray(image.dataobj), path)  # (X, Y, Z) in the file's voxel order
+        except _BadRow:
+            raise
+        except Exception as e:  # nibabel raises several types for truncated or foreign files
+            raise _BadRow("volume unreadable", f"{path}: {type(e).__name__}: {e}") from None
+        if to_ras is None:  # the CT's affine decides, for both
+            to_ras = orientations.ornt_transform(orientations.io_orientation(image.affine),
+                                                 orientations.axcodes2ornt("RAS"))
+        ras = orientations.apply_orientation(volume, to_ras)  # (X, Y, Z) in RAS
+        arrays.append(ras.transpose(2, 1, 0)[:, ::-1, ::-1])  # (Z, Y, X), rows anterior first, cols patient-right first
+    return arrays[0], arrays[1]
 
 
 def _window(ct_slice: np.ndarray) -> np.ndarray:
@@ -1017,7 +1073,7 @@ def _m3d_case_slices(ct: Path, mask: Path, ids: list[int], out: Path) -> dict[in
     if all(cached(i) for i in ids):
         return {i: regions[str(i)] for i in ids}
 
-    volume, labels = _read_volume(ct), _read_volume(mask)  # (Z, rows, cols) each
+    volume, labels = _read_volumes(ct, mask)  # (Z, rows, cols) each
     out.mkdir(parents=True, exist_ok=True)
     for i in ids:
         if volume.shape != labels.shape:

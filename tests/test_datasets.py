@@ -98,6 +98,23 @@ def test_ms_cxr_coco_json_several_image_ids_for_one_file(tmp_path):
     assert from_json.skipped.counts == from_csv.skipped.counts
 
 
+def test_ms_cxr_coco_json_malformed_entries_are_skipped_and_counted(tmp_path):
+    data_root, image_root = write_ms_cxr_fixture(tmp_path, fmt="json")
+    file = data_root / "MS_CXR_Local_Alignment_v1.1.0.json"
+    coco = json.loads(file.read_text())
+    good = load_dataset("ms-cxr", "train", data_root=data_root, image_root=image_root)
+    coco["annotations"] += [None, {**coco["annotations"][0], "label_text": 7}, {**coco["annotations"][0], "image_id": [1]}]
+    file.write_text(json.dumps(coco))
+    ds = load_dataset("ms-cxr", "train", data_root=data_root, image_root=image_root)
+    assert [s.id for s in ds] == [s.id for s in good]
+    n = len(coco["annotations"])
+    assert ds.skipped.counts == {"malformed entry": 2, "image_id not among the images": 1}
+    assert f"annotations[{n - 3}]" in str(ds.skipped.examples)
+    file.write_text(file.read_text()[:50])
+    with pytest.raises(DatasetError, match="MS_CXR_Local_Alignment_v1.1.0.json is not valid JSON"):
+        load_dataset("ms-cxr", "train", data_root=data_root, image_root=image_root)
+
+
 def test_missing_root_or_file_names_the_file_where_and_how_to_get_it(tmp_path):
     with pytest.raises(DatasetError, match="MS_CXR_Local_Alignment_v1.1.0.csv.*does not exist.*physionet.org"):
         load_dataset("ms-cxr", "train", data_root=tmp_path / "nowhere")
@@ -198,9 +215,53 @@ def test_m3d_nifti_slices_boxes_splits_and_cache(tmp_path, monkeypatch):
     img = Image.open(s1.image)
     assert img.mode == "L" and img.size == (16, 16)
     # a second load reads the cache and decodes no volume
-    monkeypatch.setattr(data, "_read_volume", lambda path: pytest.fail(f"decoded {path} again"))
+    monkeypatch.setattr(data, "_read_volumes", lambda *paths: pytest.fail(f"decoded {paths} again"))
     again = load_dataset("m3d-refseg", "test", data_root=root, cache_dir=cache)
     assert [(s.id, s.box, s.image) for s in again] == [(s.id, s.box, s.image) for s in ds["test"]]
+
+
+def test_m3d_bad_cases_are_skipped_and_counted(tmp_path):
+    """A case with a broken text.json, a truncated volume or a 4-D volume loses its regions (counted, with
+    the file named); the other cases load. A trailing size-1 axis is harmless."""
+    import nibabel
+
+    root = write_m3d_fixture(tmp_path / "m3d")
+    case = lambda k: root / "M3D_RefSeg" / f"s{k:04d}"
+    (case(1) / "text.json").write_text('{"1": "cut off')
+    (case(2) / "text.json").write_text('["a list"]')
+    blob = (case(3) / "ct.nii.gz").read_bytes()
+    (case(3) / "ct.nii.gz").write_bytes(blob[:40])
+    mask = np.asanyarray(nibabel.load(str(case(4) / "mask.nii.gz")).dataobj)
+    nibabel.save(nibabel.Nifti1Image(np.stack([mask, mask], -1), np.eye(4)), case(4) / "mask.nii.gz")
+    ct = np.asanyarray(nibabel.load(str(case(5) / "ct.nii.gz")).dataobj)
+    nibabel.save(nibabel.Nifti1Image(ct[..., None], np.eye(4)), case(5) / "ct.nii.gz")
+    train = load_dataset("m3d-refseg", "train", data_root=root, cache_dir=tmp_path / "cache", split_seed=0)
+    val = load_dataset("m3d-refseg", "val", data_root=root, cache_dir=tmp_path / "cache", split_seed=0)
+    loaded = {s.id.split("-")[0] for s in [*train, *val]}
+    assert loaded == {"s0005"}  # s0001-s0004 broken; s0005's trailing axis is dropped
+    counts = train.skipped.counts + val.skipped.counts
+    assert counts == {"text.json unreadable": 4, "volume unreadable": 2, "volume is not 3-D": 2}
+    examples = str(train.skipped.examples) + str(val.skipped.examples)
+    assert "s0003/ct.nii.gz" in examples and "s0004/mask.nii.gz" in examples
+
+
+def test_m3d_mask_follows_the_cts_orientation(tmp_path):
+    """The mask is reoriented by the CT's affine: a mask saved with another (or no) affine still lines up."""
+    import nibabel
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])  # voxel axes pointing to the patient's left, posterior, superior
+    boxes = []
+    for name, mask_affine in (("both-lps", lps), ("mask-identity", np.eye(4))):
+        root = write_m3d_fixture(tmp_path / name)
+        folder = root / "M3D_RefSeg" / "s0006"
+        for file, affine in (("ct.nii.gz", lps), ("mask.nii.gz", mask_affine)):
+            volume = np.asanyarray(nibabel.load(str(folder / file)).dataobj)
+            nibabel.save(nibabel.Nifti1Image(volume, affine), folder / file)
+        test = load_dataset("m3d-refseg", "test", data_root=root, cache_dir=tmp_path / name / "cache")
+        boxes.append({s.id: s.box for s in test})
+    assert boxes[0] == boxes[1]
+    # LPS voxel axes flip both in-plane directions of the RAS fixture: region 1 (x 2..5, y 3..6) lands at cols 2..6, rows 3..7
+    assert boxes[0]["s0006-1"] == (2.0, 3.0, 6.0, 7.0)
 
 
 def test_m3d_npy_variant_and_missing_nibabel(tmp_path, monkeypatch):
