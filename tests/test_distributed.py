@@ -227,6 +227,31 @@ def test_fsdp_two_ranks_trains_checkpoints_and_resumes_exactly(tiny_model_dir, t
     assert [without_timing(l) for l in metrics(first)[1:]] == [without_timing(l) for l in metrics(resumed)]
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_logged_loss_is_the_objective_that_was_backpropagated(loss_type, tiny_model_dir, tmp_path, monkeypatch):
+    """With 2 micro-batches, the other loss types average the micro-batch losses; dapo's are already
+    normalised by the whole batch's token count, so they add up. The log must say the same."""
+    import train
+
+    losses = []
+
+    def recording_loss(*args, **kw):
+        loss, stats = grpo_loss(*args, **kw)
+        losses.append(loss.item())
+        return loss, stats
+
+    from grpo_min.loss import grpo_loss
+    monkeypatch.setattr(train, "grpo_loss", recording_loss)
+    out = tmp_path / loss_type
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = small_run(tiny_model_dir, out, "--max-steps", "1", "--gradient-accumulation-steps", "2",
+                     "--loss-type", loss_type)[1:]
+    assert train.main(argv) is None
+    assert len(losses) == 2
+    expected = sum(losses) if loss_type == "dapo" else sum(losses) / 2
+    assert metrics(out)[0]["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
 def test_gradient_checkpointing_takes_effect(tiny_model_dir):
     """--gradient-checkpointing recomputes layers in the backward. from_pretrained returns a model in
     eval mode, where transformers silently skips checkpointing: train.py's policy must be in train mode."""
