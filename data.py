@@ -294,7 +294,8 @@ class SyntheticDataset(Sequence):
         if split not in SYNTHETIC_SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(SYNTHETIC_SPLITS)}")
         self.split, self.seed = split, seed
-        self.n = size if size is not None else SYNTHETIC_SPLITS[split][1]
+        full = SYNTHETIC_SPLITS[split][1]
+        self.n = full if size is None else min(size, full)  # the first `size` samples; never more than the split
         self._cache: dict[int, Sample] = {}  # drawing costs ~7 ms; a drawn sample is ~50 kB
 
     def __len__(self):

@@ -135,11 +135,12 @@ class SemanticScorer:
     def embed_phrases(self, phrases: list[str]) -> torch.Tensor:
         """(P, D) unit vectors; phrases not seen before go through one batched text forward."""
         new = sorted(set(phrases) - self._phrase_cache.keys())
+        if new and len(self._phrase_cache) + len(new) > 10_000:  # a real dataset's phrases are mostly unique:
+            self._phrase_cache.clear()  # start over, and embed every phrase of this batch
+            new = sorted(set(phrases))
         if new:
             enc = self.processor(text=new, padding=self.padding, truncation=True, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            if len(self._phrase_cache) > 10_000:  # a real dataset's phrases are mostly unique
-                self._phrase_cache.clear()
             self._phrase_cache.update(zip(new, self._embedding(self.model.get_text_features(**inputs))))
         return torch.stack([self._phrase_cache[p] for p in phrases])
 

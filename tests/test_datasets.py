@@ -344,6 +344,7 @@ def test_check_images_unreadable_and_resized(tmp_path):
 def test_synthetic_unchanged():
     ds = load_dataset("synthetic", "val", limit=4)
     assert isinstance(ds, data.SyntheticDataset) and len(ds) == 4 and ds[0].load_image().mode == "RGB"
+    assert len(load_dataset("synthetic", "test", limit=260)) == 200  # a limit cuts a split, never extends it
     assert "jsonl" in data.DATASETS and "ms-cxr" in data.DATASETS
 
 

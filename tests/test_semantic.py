@@ -92,6 +92,20 @@ def test_batched_scores_equal_one_by_one(scorer):
     assert ((batched >= 0) & (batched <= 1)).all() and batched.max() > 0
 
 
+def test_a_full_phrase_cache_starts_over_without_losing_the_batch(scorer):
+    """Past 10,000 cached phrases the cache is emptied; a batch mixing a cached and a new phrase must
+    still get both (the reset used to drop the cached one mid-batch: KeyError, semantic reward 0)."""
+    fresh = scorer.embed_phrases(["left apical pneumothorax", "right lower zone nodule"])
+    scorer._phrase_cache.update({f"filler {i}": fresh[0] for i in range(10_000)})
+    assert "left apical pneumothorax" in scorer._phrase_cache and len(scorer._phrase_cache) > 10_000
+    try:
+        again = scorer.embed_phrases(["left apical pneumothorax", "a phrase never seen"])
+        assert len(scorer._phrase_cache) == 2
+        torch.testing.assert_close(again[0], fresh[0])
+    finally:
+        scorer._phrase_cache.clear()
+
+
 def test_bad_boxes_score_zero_and_are_counted(scorer):
     from data import synthetic_sample
 
