@@ -13,8 +13,8 @@ distractor. Phrases use radiological laterality: the patient's left is on the im
     >>> s = ds[0]; s.text, s.box            # doctest: +SKIP
     ('small nodule in the left lower zone', (151.0, 160.0, 163.0, 172.0))
 
-Real datasets are read exactly as they sit on disk after the official download (the formats:
-/work/shared/docs/DATASETS.md; layouts and commands: docs/DATASETS_USAGE.md): ``ms-cxr``, ``medrpg``,
+Real datasets are read exactly as they sit on disk after the official download (layouts, formats and
+commands: docs/DATASETS_USAGE.md): ``ms-cxr``, ``medrpg``,
 ``chestx-ray8``, ``m3d-refseg`` and the generic ``jsonl``. Their records hold an image *path*; a
 malformed row is skipped and counted (``.skipped``), a missing root or file stops with a
 DatasetError that says what was expected, where, and where to get it, and ``check_images`` finds
@@ -1004,7 +1004,7 @@ def _read_volumes(ct: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
     """A case's CT and mask volumes, each as (slices, rows, cols): axial slices in the radiological view.
 
     NIfTI (needs nibabel): both volumes are reoriented by the CT's affine to RAS (+x towards the
-    patient's right, +y anterior): the same reorientation for both (DATASETS.md), so that a mask saved
+    patient's right, +y anterior): the same reorientation for both, so that a mask saved
     with a missing or different affine still lines up voxel for voxel with its CT. Then each axial
     slice is flipped so the patient's right is on the image's left and anterior at the top. The .npy
     variant is M3D's preprocessed (1, D, H, W) array, used as stored. An unreadable file is a _BadRow.

@@ -1,6 +1,6 @@
 """The numbers: greedy decoding on a split, IoU / Acc@t / mIoU, predictions, tables and pictures.
 
-Six ways to run it (METHOD.md, "Evaluation" defines every number):
+Six ways to run it (docs/METHOD.md, "Evaluation" defines every number):
 
     python evaluate.py --model tiny --dataset synthetic --split test --output-dir runs/eval --save-vis 8
     python evaluate.py --predictions runs/eval/predictions.jsonl --output-dir runs/rescored
@@ -30,12 +30,12 @@ from grpo_min.boxes import Box, from_model_frame, iou, parse_answer, summarize_i
 from grpo_min.prompts import load_template
 from grpo_min.rollout import encode_prompts, generate_completions
 
-# Qwen2.5-VL-7B, MedGround-R1 README (METHOD.md, "Evaluation"): only Acc@0.5 ("Acc") and mIoU are published.
+# Qwen2.5-VL-7B, MedGround-R1 README (docs/METHOD.md, "Evaluation"): only Acc@0.5 ("Acc") and mIoU are published.
 PAPER = {"ms-cxr": ("MS-CXR", {"acc@0.5": 83.12, "miou": 79.02}),
          "chestx-ray8": ("ChestX-ray8", {"acc@0.5": 62.18, "miou": 53.12}),
          "m3d-refseg": ("M3D-RefSeg", {"acc@0.5": 74.66, "miou": 60.10})}
 PAPER_NOTES = {"ms-cxr": "The prediction log released next to the MS-CXR numbers scores 33.65 mIoU / "
-                         "37.13 Acc@0.5 over its 167 test samples (METHOD.md, last section)."}
+                         "37.13 Acc@0.5 over its 167 test samples (docs/METHOD.md, last section)."}
 PAPER_SETTINGS = {("medrpg", "test"): "ms-cxr"}  # (dataset, split) recorded in metrics.json -> paper row
 TRUTH, PREDICTION = (0, 200, 0), (230, 30, 30)  # green and red, as in data.draw_grid
 

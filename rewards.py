@@ -1,6 +1,6 @@
 """How a completion is judged: format, spatial and (optionally) semantic rewards.
 
-MedGround-R1 sums three terms, ``r = R_format + R_spatial + R_semantic`` (METHOD.md, "Rewards"). Here
+MedGround-R1 sums three terms, ``r = R_format + R_spatial + R_semantic`` (docs/METHOD.md, "Rewards"). Here
 each term is a pure function of (completion text, target); a term that needs a model (the semantic
 one) receives a scorer object. Everything that can go wrong in a completion gives that term 0 and is
 counted, never raised: a reward must not be able to kill a training run.

@@ -8,8 +8,8 @@ Three jobs live here, each a handful of pure functions (no torch, no model):
    (the format reward's test). The parser is lenient about *how* a box is written (JSON, bare
    list, code fence, Qwen2-VL's `(x1,y1),(x2,y2)`) but strict about *where* it is: only the
    `<answer>` counts, never a box named along the way inside `<think>`.
-2. Scoring: `iou`, `accuracy_at`, `summarize_ious` (METHOD.md, "Evaluation").
-3. Coordinate frames (METHOD.md, "Box coordinate frames"). Datasets store boxes in pixels of the
+2. Scoring: `iou`, `accuracy_at`, `summarize_ious` (docs/METHOD.md, "Evaluation").
+3. Coordinate frames (docs/METHOD.md, "Box coordinate frames"). Datasets store boxes in pixels of the
    original image; Qwen2.5-VL reads and writes absolute pixels of the image *after* its processor
    resized it (`smart_resize`); Qwen2-VL used a 0-1000 grid. `to_model_frame` converts a ground
    truth box for the reward, `from_model_frame` maps a prediction back for evaluation and crops.
@@ -167,7 +167,7 @@ def format_box(box: Box) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring (METHOD.md, "Evaluation")
+# Scoring (docs/METHOD.md, "Evaluation")
 # ----------------------------------------------------------------------------------------------
 
 
@@ -214,7 +214,7 @@ def summarize_ious(ious: Sequence[float], parse_failures: int = 0) -> dict:
     """The evaluation's numbers: percentages with two decimals, plus the counts.
 
     `ious` holds one value per sample, with 0.0 for each of the `parse_failures` samples whose
-    answer had no box (they count in n, Acc@t and mIoU, as METHOD.md asks).
+    answer had no box (they count in n, Acc@t and mIoU, as docs/METHOD.md asks).
 
     >>> summarize_ious([1.0, 0.6, 0.4, 0.0], parse_failures=1)
     {'n': 4, 'parse_failures': 1, 'acc@0.3': 75.0, 'acc@0.5': 50.0, 'acc@0.7': 25.0, 'miou': 50.0}
@@ -234,7 +234,7 @@ def summarize_ious(ious: Sequence[float], parse_failures: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Coordinate frames (METHOD.md, "Box coordinate frames")
+# Coordinate frames (docs/METHOD.md, "Box coordinate frames")
 # ----------------------------------------------------------------------------------------------
 
 

@@ -70,7 +70,7 @@ def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
 
     FSDP2 shards in place: the vision tower and every decoder layer become units of their own, then
     the root. The vision tower must be its own unit because ``generate`` calls it directly, outside
-    the root module's forward (TRANSFORMERS_NOTES.md).
+    the root module's forward, where a unit's parameters would otherwise still be sharded.
     """
     if fsdp:
         from torch.distributed.fsdp import fully_shard

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-# The box frame a model family reads and writes (METHOD.md, "Box coordinate frames").
+# The box frame a model family reads and writes (docs/METHOD.md, "Box coordinate frames").
 BOX_FRAMES = {"qwen2_5_vl": "absolute", "qwen2_vl": "norm1000"}
 DEFAULT_MAX_PIXELS = 1003520  # 1,280 visual tokens of 28 x 28 pixels
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,6 +1,6 @@
 """The semantic consistency reward's scorer: does the content of the predicted box match the phrase?
 
-MedGround-R1's headline idea (METHOD.md, "Rewards"): a spatially wrong box that still lands on the
+MedGround-R1's headline idea (docs/METHOD.md, "Rewards"): a spatially wrong box that still lands on the
 described finding should earn more than one that lands on nothing. Our definition of the term:
 
     crop = original image cut to the predicted box (model frame -> original pixels, clipped),

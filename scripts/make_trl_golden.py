@@ -13,7 +13,7 @@ settings, chosen so that TRL computes exactly the loss of docs/METHOD.md:
 
 - importance_sampling_level="token" (per-token ratio; "sequence" is GSPO);
 - use_bias_correction_kl=False. TRL 1.16.0 defaults it to True, which multiplies the k3 KL by the
-  (differentiable) ratio: the KL *value* is unchanged on-policy but its gradient is not. METHOD.md's
+  (differentiable) ratio: the KL *value* is unchanged on-policy but its gradient is not. docs/METHOD.md's
   KL is plain k3, so the goldens turn it off;
 - delta=None (no extra upper clamp of the unclipped ratio; two-sided clipping only);
 - use_vllm=False and vllm_importance_sampling_correction=False (no sampler/trainer IS correction);

@@ -9,7 +9,7 @@ i uses the i-th ``--image``, the same text, every step) x G sampled completions 
 in ``--dtype`` (fp32 by default; bfloat16 loads the weights in bf16, as grpo_min.bench does), beta
 as given, loss "grpo", one update per generation, AdamW at 1e-6 with gradient clipping at 1.0. Settings that would make TRL do *more*
 work than grpo_min are turned off: gradient checkpointing (GRPOConfig defaults it on), bf16 (on by
-default), and the bias-corrected KL (plain k3, as in METHOD.md). The same tokens are suppressed when
+default), and the bias-corrected KL (plain k3, as in docs/METHOD.md). The same tokens are suppressed when
 sampling as in grpo_min (image/video/vision placeholders).
 
 A step is timed from the trainer's ``on_step_begin`` to its ``on_step_end`` callback: generation,

@@ -2,7 +2,7 @@
 
 MS-CXR and MIMIC-CXR are credentialed data: nothing here comes from them. Ids, phrases, boxes and
 images are invented; only the *formats* (file names, columns, header quirks, folder layouts) follow
-/work/shared/docs/DATASETS.md. Every writer returns the folders to pass as ``--data-root`` /
+the official releases (docs/DATASETS_USAGE.md). Every writer returns the folders to pass as ``--data-root`` /
 ``--image-root``.
 """
 from __future__ import annotations

@@ -244,7 +244,7 @@ def test_docstring_examples():
     assert doctest.testmod(grpo_min.loss).failed == 0
 
 
-# TRL's numbers: see scripts/make_trl_golden.py for the settings under which TRL computes METHOD.md's loss.
+# TRL's numbers: see scripts/make_trl_golden.py for the settings under which TRL computes docs/METHOD.md's loss.
 with GOLDEN.open() as f:
     TRL = json.load(f)
 
