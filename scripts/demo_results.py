@@ -6,7 +6,8 @@
 Each run is ``python train.py --seed S --output-dir runs/demo/<variant>-seed<S> <variant's options>``
 (the embedded default otherwise: the tiny model, its warm start for that seed, the demo preset), and
 its ``summary.json`` holds greedy test Acc@0.5 / mIoU before and after GRPO. A run whose summary
-exists is not run again, so the script can be interrupted and restarted. ``--parallel N`` runs N at
+exists is not run again, and an interrupted one resumes from its checkpoint, so the script can be
+interrupted and restarted. ``--parallel N`` runs N at
 once with ``OMP_NUM_THREADS`` = cores / N each (use it for results, not for timings).
 
 Variants (issue 3's comparison; "semantic" is what ``python train.py`` runs):
@@ -52,7 +53,9 @@ def main():
         while todo and len(running) < args.parallel:
             variant, seed, folder = todo.pop(0)
             folder.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "train.py", "--seed", str(seed), "--output-dir", str(folder), *VARIANTS[variant]]
+            # --resume auto: a run stopped by Ctrl-C left a checkpoint (train.py saves one on SIGINT); go on from it
+            cmd = [sys.executable, "train.py", "--seed", str(seed), "--output-dir", str(folder), "--resume", "auto",
+                   *VARIANTS[variant]]
             print(f"start {variant} seed {seed}: {' '.join(cmd)}", flush=True)
             log = open(folder / "train.log", "w")
             running.append((variant, seed, folder, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
