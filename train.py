@@ -28,7 +28,7 @@ from grpo_min import dist
 from grpo_min.checkpoint import (CheckpointError, check_checkpoint, check_output_dir, find_resume_path,
                                  load_checkpoint, save_checkpoint, save_model)
 from grpo_min.loss import group_advantages, grpo_loss
-from grpo_min.models import load_model, load_reference, resolve_dtype, resolve_model_path
+from grpo_min.models import compute_precision, load_model, load_reference, resolve_dtype, resolve_model_path
 from grpo_min.prompts import load_template
 from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids
 
@@ -90,7 +90,8 @@ class Config:
     eval_steps: int = opt(100, "evaluate on the val split every N steps (0: never)")
     eval_limit: int | None = opt(None, "evaluate on at most N val/test samples")
     eval_batch_size: int = opt(32, "prompts per generate call when evaluating")
-    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    dtype: str = opt("auto", "compute precision: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16; weights and "
+                     "optimizer state stay float32 (mixed precision)", choices=("auto", "float32", "bfloat16"))
     min_pixels: int | None = opt(None, "processor's minimum image area in pixels")
     max_pixels: int | None = opt(None, "processor's maximum image area; default: its own, capped at 1003520 (1280 visual tokens)")
     seed: int = opt(0, "random seed (sampling, data order, the tiny model)")
@@ -207,8 +208,9 @@ def load_splits(cfg: Config):
 
 def evaluate_split(model, processor, samples, template, frame, cfg: Config, device) -> tuple[dict, list[dict]]:
     n = len(samples) if cfg.eval_limit is None else min(cfg.eval_limit, len(samples))
-    rows = predict(model, processor, [samples[i] for i in range(n)], template, frame, cfg.eval_batch_size,
-                   cfg.max_completion_length, progress=False, device=device)
+    with compute_precision(device, resolve_dtype(cfg.dtype, device)):
+        rows = predict(model, processor, [samples[i] for i in range(n)], template, frame, cfg.eval_batch_size,
+                       cfg.max_completion_length, progress=False, device=device)
     return metrics_of(rows), rows
 
 
@@ -266,11 +268,14 @@ def main(argv=None):
     preemption = Preemption()
 
     # ------------------------------------------------------------------ models and data
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device)  # the compute precision; weights are loaded in float32
+    amp = lambda: compute_precision(device, dtype)  # noqa: E731
     model_path = dist.on_main_first(lambda: resolve_model_path(cfg.model, cfg.seed))
     # Resuming loads the policy from the checkpoint; the reference is always the starting model.
-    policy, processor, frame = load_policy(resume_path or model_path, cfg, dtype, device)
-    reference = load_reference(model_path, dtype=dtype, device=device) if cfg.beta > 0 else None
+    policy, processor, frame = load_policy(resume_path or model_path, cfg, torch.float32, device)
+    # The reference runs exactly as the policy does (float32 weights, same autocast), so that its
+    # log-probs equal the policy's at the start and the KL starts at 0.
+    reference = load_reference(model_path, dtype=torch.float32, device=device) if cfg.beta > 0 else None
     template = load_template(cfg.template)
     semantic_scorer = load_semantic_scorer(cfg, device)
     reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
@@ -294,7 +299,7 @@ def main(argv=None):
         one_token = warm.inputs["input_ids"][:, -1:]
         for model in (policy, reference):
             if model is not None:
-                with torch.no_grad():
+                with torch.no_grad(), amp():
                     completion_logps(model, warm, one_token, torch.ones_like(one_token, dtype=torch.float), group_size=1)
                 model.reshard()  # the root stays unsharded after a forward; the optimizer must see the shards
     optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
@@ -340,8 +345,9 @@ def main(argv=None):
             samples = [train_set[i] for i in prompt_indices(step, micro, cfg, len(train_set), origin)]
             images = [s.load_image() for s in samples]
             prompts = encode_prompts(processor, images, [s.text for s in samples], template, device=device)
-            rollout = generate_completions(raw, processor, prompts, num_generations=G, synced_gpus=cfg.fsdp,
-                                           max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature)
+            with amp():
+                rollout = generate_completions(raw, processor, prompts, num_generations=G, synced_gpus=cfg.fsdp,
+                                               max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature)
             targets = [R.Target(box=s.box, orig_size=(s.width, s.height), resized_size=size, frame=frame,
                                 phrase=s.text, image=img)
                        for s, img, size in zip(samples, images, prompts.resized_sizes) for _ in range(G)]
@@ -359,7 +365,7 @@ def main(argv=None):
 
         # 3. Log-probs of the sampling policy (only when a rollout is reused, mu > 1) and of the reference.
         old_logps, ref_logps = [], []
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             for r in rollouts:
                 args = (r.prompts, r.completion_ids, r.completion_mask)
                 kw = dict(group_size=G, temperature=cfg.temperature, never_ids=never_ids)
@@ -374,8 +380,9 @@ def main(argv=None):
             for m, r in enumerate(rollouts):
                 adv = advantages[m * len(r.texts):(m + 1) * len(r.texts)].to(device)  # (B*G,)
                 with dist.no_sync_unless_last(policy, m == len(rollouts) - 1):
-                    logps = completion_logps(policy, r.prompts, r.completion_ids, r.completion_mask, group_size=G,
-                                             temperature=cfg.temperature, never_ids=never_ids)  # (B*G, T)
+                    with amp():  # the forward in the compute precision; log-probs come out in float32
+                        logps = completion_logps(policy, r.prompts, r.completion_ids, r.completion_mask, group_size=G,
+                                                 temperature=cfg.temperature, never_ids=never_ids)  # (B*G, T)
                     old = old_logps[m] if old_logps[m] is not None else logps.detach()  # mu = 1: ratio 1
                     loss, stats = grpo_loss(logps, old, adv, r.completion_mask, ref_logps=ref_logps[m],
                                             beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,

@@ -37,7 +37,7 @@ from PIL import Image
 
 import rewards as R
 from grpo_min.loss import group_advantages, grpo_loss
-from grpo_min.models import load_model, load_reference, resolve_dtype
+from grpo_min.models import compute_precision, load_model, load_reference, resolve_dtype
 from grpo_min.prompts import CHAIN_OF_BOX
 from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids
 from train import Config, make_optimizer  # the optimizer and schedule train.py builds, unchanged
@@ -149,12 +149,13 @@ class PhaseTimer:
 def grpo_step(args, policy, reference, processor, optimizer, scheduler, images, targets, device):
     """One GRPO step as train.py runs it (one micro-batch, mu = 1). Returns (phase seconds, tokens)."""
     timer = PhaseTimer(device)
+    amp = lambda: compute_precision(device, args.compute_dtype)  # noqa: E731  float32 weights, as in train.py
     G = args.num_generations
     never_ids = special_token_ids(processor)["never"]
     with timer("encode"):
         prompts = encode_prompts(processor, images, [PHRASES[i % len(PHRASES)] for i in range(len(images))],
                                  CHAIN_OF_BOX, device=device)
-    with timer("generate"):
+    with timer("generate"), amp():
         rollout = generate_completions(policy, processor, prompts, num_generations=G,
                                        max_new_tokens=args.max_completion_length, temperature=args.temperature)
     with timer("rewards"):
@@ -164,10 +165,11 @@ def grpo_step(args, policy, reference, processor, optimizer, scheduler, images, 
     kw = dict(group_size=G, temperature=args.temperature, never_ids=never_ids, encode_image_once=not args.no_image_once)
     ref_logps = None
     if reference is not None:  # beta = 0 loads no reference and skips this pass
-        with timer("reference"), torch.no_grad():
+        with timer("reference"), torch.no_grad(), amp():
             ref_logps = completion_logps(reference, *args_logps, **kw)  # (B*G, T)
     with timer("policy"):
-        logps = completion_logps(policy, *args_logps, **kw)  # (B*G, T)
+        with amp():
+            logps = completion_logps(policy, *args_logps, **kw)  # (B*G, T)
         # mu = 1: the sampling policy is the current one, so old log-probs are logps.detach() (no pass).
         loss, _ = grpo_loss(logps, logps.detach(), advantages, rollout.completion_mask, ref_logps=ref_logps,
                             beta=args.beta, loss_type="grpo", max_completion_length=args.max_completion_length)
@@ -193,7 +195,9 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 loads no reference and skips its pass")
     p.add_argument("--steps", type=int, default=6, help="GRPO steps to run; the first is warm-up and not counted")
     p.add_argument("--batch-size", type=int, default=1, help="prompts per step (each its own image)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute precision, as train.py's --dtype: auto (bfloat16 on GPU, float32 on CPU); weights and "
+                        "optimizer state stay float32")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--learning-rate", type=float, default=1e-6, help="AdamW learning rate")
     p.add_argument("--optim", default="adamw_torch_fused", choices=("adamw_torch_fused", "adamw_torch"),
@@ -215,9 +219,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = args.compute_dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    policy, reference, processor = load_models(args, device, dtype)
+    policy, reference, processor = load_models(args, device, torch.float32)
     optimizer, scheduler = make_optimizer(policy, Config(learning_rate=args.learning_rate, optim=args.optim), args.steps)
     S, G = args.image_size, args.num_generations
     images = [synthetic_image(S, args.seed + i) for i in range(args.batch_size)]

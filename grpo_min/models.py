@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -35,6 +36,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def compute_precision(device: torch.device, dtype: torch.dtype):
+    """The context every forward pass of policy and reference runs in during training.
+
+    Training keeps weights, gradients and AdamW's state in float32 and computes in ``dtype`` under
+    ``torch.autocast`` (mixed precision). Weights stored in bfloat16 would lose the updates: an AdamW
+    step moves a weight by about the learning rate (1e-6 in MedGround-R1's settings), far below
+    bfloat16's resolution of 1/128 of the weight's size, so most of them round back to the old value.
+    float32 computes as is.
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

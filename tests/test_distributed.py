@@ -275,11 +275,55 @@ def test_gradient_checkpointing_takes_effect(tiny_model_dir):
     assert calls == [True, True]  # the layer ran again in the backward
 
 
+def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tiny_model_dir):
+    """--dtype bfloat16 computes under autocast over float32 weights and optimizer state. An AdamW step
+    moves a weight by about the learning rate (1e-6 here), far below bfloat16's resolution: bfloat16
+    weights would round most updates away. The reference computes exactly as the policy (KL 0 at start)."""
+    import data
+    import train
+    from grpo_min.models import compute_precision, load_reference
+    from grpo_min.prompts import CHAIN_OF_BOX
+    from grpo_min.rollout import completion_logps, encode_prompts
+    from grpo_min.tiny import warm_start_target
+
+    cpu = torch.device("cpu")
+    cfg = train.parse_config(["--model", str(tiny_model_dir), "--dtype", "bfloat16", "--learning-rate", "1e-6"])
+    policy, processor, _ = train.load_policy(tiny_model_dir, cfg, torch.float32, cpu)
+    reference = load_reference(tiny_model_dir, dtype=torch.float32, device=cpu)
+    samples = [data.synthetic_sample(i, "val") for i in range(2)]
+    prompts = encode_prompts(processor, [s.load_image() for s in samples], [s.text for s in samples], CHAIN_OF_BOX)
+    processor.tokenizer.padding_side = "right"
+    enc = processor.tokenizer([warm_start_target(s, size) for s, size in zip(samples, prompts.resized_sizes)],
+                              padding=True, return_tensors="pt", add_special_tokens=False)
+    processor.tokenizer.padding_side = "left"
+    ids, mask = enc["input_ids"], enc["attention_mask"].float()
+    with compute_precision(cpu, torch.bfloat16):
+        logps = completion_logps(policy, prompts, ids, mask, group_size=1)
+        with torch.no_grad():
+            ref_logps = completion_logps(reference, prompts, ids, mask, group_size=1)
+    assert torch.equal(logps.detach(), ref_logps)
+    with torch.no_grad():
+        full = completion_logps(policy, prompts, ids, mask, group_size=1)
+    assert (logps.detach() - full).abs().max() > 1e-4  # autocast did compute in bfloat16
+    (-(logps * mask).sum() / mask.sum()).backward()
+    optimizer, _ = train.make_optimizer(policy, cfg, total_steps=1)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    optimizer.step()
+    after = dict(policy.named_parameters())
+    assert {p.dtype for p in after.values()} == {torch.float32}
+    moved = sum(int((after[n] != w).sum()) for n, w in before.items())
+    assert moved > 0.5 * sum(w.numel() for w in before.values())
+    kept_in_bf16 = sum(int((after[n].bfloat16() != w.bfloat16()).sum()) for n, w in before.items())
+    assert kept_in_bf16 < 0.05 * moved  # what bfloat16 weights would have kept of those updates
+
+
 def test_memory_options_run(tiny_model_dir, tmp_path):
-    """--gradient-checkpointing (scoring falls back to shared image features), accumulation, frozen vision."""
+    """--gradient-checkpointing (scoring falls back to shared image features), accumulation, frozen vision,
+    bfloat16 compute."""
     out = tmp_path / "mem"
     run(small_run(tiny_model_dir, out, "--max-steps", "2", "--gradient-checkpointing",
-                  "--gradient-accumulation-steps", "2", "--freeze-vision", "--warmup-steps", "2"))
+                  "--gradient-accumulation-steps", "2", "--freeze-vision", "--warmup-steps", "2", "--dtype", "bfloat16"))
+    assert {w.dtype for w in weights(out / "final").values()} == {torch.float32}  # bfloat16 compute, float32 weights
     lines = metrics(out)
     assert [l["step"] for l in lines] == [1, 2]
     assert [l["lr"] for l in lines] == pytest.approx([5e-4, 1e-3])  # the rate each update used (warm-up 1/2, 2/2)
