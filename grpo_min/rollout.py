@@ -182,10 +182,13 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
     inputs, inner = prompts.inputs, getattr(model, "module", model)
     G, (P, T) = group_size, (inputs["input_ids"].shape[1], completion_ids.shape[1])
     # 1. The B prompts, once. The last prompt position predicts completion token 0.
+    if T == 1:  # step 2 must run anyway: DDP syncs gradients and FSDP gathers weights in the wrapper's call, on
+        # every rank alike. Score one masked copy of the token after it, and keep the first column.
+        twice, mask = completion_ids.repeat(1, 2), torch.cat([completion_mask, torch.zeros_like(completion_mask)], 1)
+        return _logps_sharing_the_prompt(model, prompts, twice, mask, group_size=G, temperature=temperature,
+                                         never_ids=never_ids)[:, :1]
     out = inner(**inputs, use_cache=True, logits_to_keep=1)
     first = out.logits.repeat_interleave(G, dim=0)  # (B*G, 1, V)
-    if T == 1:
-        return token_logps(first, completion_ids, temperature, never_ids)
     cache_name = _cache_argument(inner)
     cache = getattr(out, cache_name)
     if cache is None or cache.get_seq_length() != P:  # never score completions without their prompt

@@ -88,3 +88,32 @@ def test_fast_paths_give_the_plain_paths_logps_and_gradients(monkeypatch):
         for name, grad in plain_grads.items():
             torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
     assert plain_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0  # the vision tower learns too
+
+
+def test_one_token_completions_still_go_through_the_wrapper():
+    """With T = 1 the prompt-sharing path must still call the (DDP / FSDP) wrapper once, as it does for
+    longer completions: DDP syncs gradients and FSDP gathers weights in that call, on every rank alike.
+    A rank whose completions all ended at the first token used to skip it (replicas diverged or hung)."""
+    processor = tiny.build_processor()
+    model = tiny.build_model(processor, seed=1)
+    sample = data.synthetic_sample(0, "val")
+    prompts = encode_prompts(processor, [sample.load_image()], [sample.text], CHAIN_OF_BOX)
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel: the model is .module
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, **kw):
+            self.calls += 1
+            return self.module(**kw)
+
+    wrapped = Wrapper(model)
+    for T in (1, 3):
+        ids = torch.randint(10, 200, (2, T))
+        mask = torch.ones(2, T)
+        wrapped.calls = 0
+        fast = completion_logps(wrapped, prompts, ids, mask, group_size=2)
+        assert wrapped.calls == 1 and fast.shape == (2, T)
+        plain = completion_logps(model, prompts, ids, mask, group_size=2, encode_image_once=False)
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
