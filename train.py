@@ -80,7 +80,9 @@ class Config:
     # --- checkpoints, resume, faults ---
     save_steps: int = opt(0, "write checkpoint-<step> every N steps (0: only on preemption)")
     save_total_limit: int | None = opt(2, "keep only the last K checkpoints")
-    resume: str | None = opt(None, "'auto' (latest complete checkpoint in --output-dir) or a checkpoint folder")
+    resume: str | None = opt(None, "'auto' (latest complete checkpoint in --output-dir; none: start from the beginning) "
+                             "or a checkpoint folder")
+    overwrite: bool = opt(False, "start over in an --output-dir that holds an earlier run's outputs, deleting them")
     max_bad_steps: int = opt(5, "stop after this many updates in a row with a non-finite loss or gradient")
     # --- memory ---
     fsdp: bool = opt(False, "shard policy and reference with FSDP2 (vision tower and each decoder layer a unit)")
@@ -105,6 +107,34 @@ TINY_PRESET = dict(batch_size=8, max_completion_length=48, learning_rate=1e-4, w
                    max_steps=300, eval_steps=50, freeze_vision=True)
 
 
+# Values that would crash a run much later, or silently train wrong (a negative clip norm flips the
+# gradient, a negative epsilon never reinforces a good completion): refused before anything loads.
+LIMITS = {
+    "num_generations": (lambda v: v >= 2, "at least 2: a group of one has nothing to be relative to"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1"),
+    "num_iterations": (lambda v: v >= 1, "at least 1"),
+    "max_completion_length": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: v > 0, "a positive number"),
+    "beta": (lambda v: v >= 0, "0 or more"),
+    "epsilon": (lambda v: v > 0, "a positive number"),
+    "epsilon_high": (lambda v: v > 0, "a positive number"),
+    "learning_rate": (lambda v: v > 0, "a positive number"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
+    "warmup_steps": (lambda v: v >= 0, "0 or more"),
+    "max_steps": (lambda v: v >= 1, "at least 1 (leave it out to train --num-train-epochs)"),
+    "num_train_epochs": (lambda v: v > 0, "a positive number"),
+    "save_steps": (lambda v: v >= 0, "0 (only on preemption) or more"),
+    "save_total_limit": (lambda v: v >= 0, "0 (keep all) or more"),
+    "max_bad_steps": (lambda v: v >= 1, "at least 1"),
+    "eval_steps": (lambda v: v >= 0, "0 (never) or more"),
+    "eval_limit": (lambda v: v >= 1, "at least 1 (leave it out to evaluate whole splits)"),
+    "eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "semantic_weight": (lambda v: v >= 0, "0 or more"),
+}
+
+
 def parse_config(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
@@ -118,6 +148,10 @@ def parse_config(argv=None) -> Config:
     given = vars(parser.parse_args(argv))
     preset = {k: v for k, v in TINY_PRESET.items() if k not in given} if given.get("model", "tiny") == "tiny" else {}
     config = Config(**{**preset, **given})
+    for name, (ok, expected) in LIMITS.items():
+        value = getattr(config, name)
+        if value is not None and not ok(value):
+            parser.error(f"--{name.replace('_', '-')} {value}: expected {expected}")
     if preset:
         dist.print0("Demo preset for --model tiny (override any option to change it): " +
                     ", ".join(f"{k}={v}" for k, v in preset.items()))
@@ -184,9 +218,19 @@ def load_semantic_scorer(cfg: Config, device):
         return None
     if choice == "auto":  # the tiny scorer, fitted on synthetic crops; one judge for every training seed
         choice = dist.on_main_first(lambda: tiny_scorer_path(seed=0))
+    elif not (Path(choice) / "config.json").is_file():
+        raise SystemExit(f"error: --semantic-model {choice!r}: expected auto, none, or a local dual-encoder folder "
+                         "with config.json (CLIP, SigLIP, ...; nothing is downloaded)")
     scorer = SemanticScorer.from_pretrained(choice, device=device, dtype=resolve_dtype(cfg.dtype, device))
     dist.print0(f"Semantic reward: {choice} (weight {cfg.semantic_weight}, on {cfg.semantic_on} format-valid completions)")
     return scorer
+
+
+def load_template_or_exit(template: str) -> str:
+    try:
+        return load_template(template)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
 
 
 def load_splits(cfg: Config):
@@ -260,23 +304,25 @@ def main(argv=None):
     resume_path = find_resume_path(cfg.resume, out) if cfg.resume else None
     if resume_path is not None:
         check_checkpoint(resume_path)
-    check_output_dir(out, resume_path)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    elif cfg.resume == "auto":
+        dist.print0(f"--resume auto: no complete checkpoint in {out}; starting from the beginning")
+    check_output_dir(out, resume_path, overwrite=cfg.overwrite)
+    template = load_template_or_exit(cfg.template)
     t_start = time.time()
     preemption = Preemption()
 
     # ------------------------------------------------------------------ models and data
     dtype = resolve_dtype(cfg.dtype, device)  # the compute precision; weights are loaded in float32
     amp = lambda: compute_precision(device, dtype)  # noqa: E731
-    model_path = dist.on_main_first(lambda: resolve_model_path(cfg.model, cfg.seed))
+    try:
+        model_path = dist.on_main_first(lambda: resolve_model_path(cfg.model, cfg.seed))
+    except (FileNotFoundError, ValueError) as e:  # no such folder, or a model family that is not supported
+        raise SystemExit(f"error: {e}")
     # Resuming loads the policy from the checkpoint; the reference is always the starting model.
     policy, processor, frame = load_policy(resume_path or model_path, cfg, torch.float32, device)
     # The reference runs exactly as the policy does (float32 weights, same autocast), so that its
     # log-probs equal the policy's at the start and the KL starts at 0.
     reference = load_reference(model_path, dtype=torch.float32, device=device) if cfg.beta > 0 else None
-    template = load_template(cfg.template)
     semantic_scorer = load_semantic_scorer(cfg, device)
     reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
                                    spatial_kind=cfg.spatial_reward,
@@ -284,6 +330,9 @@ def main(argv=None):
                                    semantic_on=cfg.semantic_on)
     never_ids = special_token_ids(processor)["never"]
     train_set, val_set, test_set = load_splits(cfg)
+    if dist.is_main():  # written once every input has been checked, so a refused run leaves the folder as it was
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     G = cfg.num_generations
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
     total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(train_set) / per_step)

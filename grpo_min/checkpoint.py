@@ -102,17 +102,29 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def check_output_dir(out_dir: Path, resume_path: Path | None):
-    """Refuse to mix two runs' checkpoints in one folder, before anything is trained.
+RUN_OUTPUTS = ("final", "summary.json", "metrics.jsonl", "completions")  # besides checkpoint-* folders
 
-    Pruning and ``--resume auto`` go by step number, so a fresh run next to an earlier run's
-    ``checkpoint-300`` would have its own ``checkpoint-50`` pruned, and resume the other run.
+
+def check_output_dir(out_dir: Path, resume_path: Path | None, overwrite: bool = False):
+    """Refuse to mix two runs in one folder, before anything is trained (``overwrite``: delete the old one).
+
+    A fresh run would replace an earlier run's results, and pruning and ``--resume auto`` go by step
+    number: next to an earlier run's ``checkpoint-300``, a new ``checkpoint-50`` would be pruned at
+    once and ``--resume auto`` would continue the other run.
     """
+    out_dir = Path(out_dir)
     found = complete_checkpoints(out_dir)
-    if resume_path is None and found:
-        raise CheckpointError(
-            f"{out_dir} already holds checkpoints of an earlier run ({', '.join(p.name for p in found)}). Continue "
-            "that run with --resume auto, or start this one in another --output-dir (or delete those folders).")
+    if resume_path is None:
+        earlier = [p for p in sorted(out_dir.glob("checkpoint-*")) if p.is_dir()]
+        earlier += [out_dir / name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+        if earlier and not overwrite:
+            raise CheckpointError(
+                f"{out_dir} holds an earlier run ({', '.join(p.name for p in earlier)}). Continue it with "
+                "--resume auto, write this run to another --output-dir, or pass --overwrite to delete it and start over.")
+        if earlier and dist.is_main():
+            for p in earlier:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        dist.barrier()
     if resume_path is not None:
         step = json.loads((Path(resume_path) / "trainer_state.json").read_text())["step"]
         later = [p for p in found if int(_NAME.match(p.name).group(1)) > step]
@@ -161,6 +173,9 @@ def check_checkpoint(path: Path):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"--resume {path}: no such checkpoint folder")
+    if not (path / MARKER).exists() and not (path / "trainer_state.json").exists():
+        raise CheckpointError(f"--resume {path}: not a checkpoint (train.py writes <output-dir>/checkpoint-<step>/; "
+                              "--resume auto picks the latest complete one of --output-dir)")
     if not (path / MARKER).exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} file): it was probably cut off "
                               "while being written. Use an earlier checkpoint-<step> folder.")

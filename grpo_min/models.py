@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -27,6 +28,10 @@ def resolve_model_path(model: str, seed: int = 0) -> Path:
         raise FileNotFoundError(
             f"--model {model!r}: expected a local model folder with config.json (e.g. a download of "
             "Qwen/Qwen2.5-VL-3B-Instruct, or a checkpoint written by this trainer), or 'tiny'")
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in BOX_FRAMES:  # checked before any weights load
+        raise ValueError(f"--model {model!r}: model type {model_type!r} is not supported; expected one of "
+                         f"{sorted(BOX_FRAMES)} (their box frames are known)")
     return path
 
 

@@ -53,9 +53,10 @@ def main():
         while todo and len(running) < args.parallel:
             variant, seed, folder = todo.pop(0)
             folder.mkdir(parents=True, exist_ok=True)
-            # --resume auto: a run stopped by Ctrl-C left a checkpoint (train.py saves one on SIGINT); go on from it
+            # --resume auto: a run stopped by Ctrl-C left a checkpoint (train.py saves one on SIGINT): go on from
+            # it; --overwrite: a run killed without one starts over
             cmd = [sys.executable, "train.py", "--seed", str(seed), "--output-dir", str(folder), "--resume", "auto",
-                   *VARIANTS[variant]]
+                   "--overwrite", *VARIANTS[variant]]
             print(f"start {variant} seed {seed}: {' '.join(cmd)}", flush=True)
             log = open(folder / "train.log", "w")
             running.append((variant, seed, folder, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,

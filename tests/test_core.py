@@ -336,3 +336,25 @@ def test_rewards_never_raise_and_count_failures():
     assert scores.terms["format"].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert scores.parse_failures == 3 and scores.errors == 1  # the one eligible completion the scorer failed on
     assert scores.terms["semantic"].tolist() == [0.0] * 4 and scores.total.tolist() == [2.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--max-grad-norm", "-1", "0 (no clipping) or more"), ("--epsilon", "-0.1", "a positive number"),
+    ("--num-generations", "1", "at least 2"), ("--max-steps", "0", "at least 1"), ("--eval-steps", "-1", "0 (never)"),
+    ("--batch-size", "0", "at least 1"), ("--temperature", "0", "a positive number"), ("--eval-limit", "0", "at least 1"),
+])
+def test_options_that_would_train_wrong_or_crash_later_are_refused_at_once(option, value, expected, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.parse_config([option, value])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"error: {option} {value}" in err and f": expected {expected}" in err
+
+
+def test_a_model_folder_of_another_family_is_refused_before_loading(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    result = subprocess.run([sys.executable, "train.py", "--model", str(tmp_path), "--output-dir", str(tmp_path / "o")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "model type 'gpt2' is not supported" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()

@@ -124,7 +124,8 @@ def test_corrupt_or_half_written_checkpoints_are_refused(straight1, tiny_model_d
     shutil.copytree(straight / "checkpoint-2", truncated)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
-    for path, message in ((no_marker, "not a complete checkpoint"), (truncated, "cannot read checkpoint")):
+    for path, message in ((no_marker, "not a complete checkpoint"), (truncated, "cannot read checkpoint"),
+                          (straight / "final", "not a checkpoint (train.py writes")):
         result = subprocess.run([sys.executable] + small_run(tiny_model_dir, tmp_path / "x", "--resume", str(path)),
                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
@@ -138,14 +139,19 @@ def test_an_output_dir_never_mixes_two_runs_checkpoints(straight1, tiny_model_di
     """A fresh run next to an earlier run's checkpoints, or a resume from an earlier step next to
     later ones, stops before training: pruning and --resume auto go by step number."""
     used = tmp_path / "used"
-    shutil.copytree(straight1, used)  # checkpoint-2 and checkpoint-4
-    for extra, message in (((), "already holds checkpoints of an earlier run (checkpoint-2, checkpoint-4)"),
+    shutil.copytree(straight1, used)  # checkpoint-2, checkpoint-4, final, metrics.jsonl, summary.json
+    config = (used / "config.json").read_text()
+    for extra, message in (((), "holds an earlier run (checkpoint-2, checkpoint-4, final, summary.json, metrics.jsonl)"),
                            (("--resume", str(used / "checkpoint-2")), "holds checkpoint-4, later than the step-2")):
-        result = subprocess.run([sys.executable] + small_run(tiny_model_dir, used, "--max-steps", "4", *extra),
+        result = subprocess.run([sys.executable] + small_run(tiny_model_dir, used, "--max-steps", "4",
+                                                             "--learning-rate", "3e-3", *extra),
                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
     assert sorted(p.name for p in used.iterdir()) == sorted(p.name for p in straight1.iterdir())  # nothing touched
+    assert (used / "config.json").read_text() == config
+    run(small_run(tiny_model_dir, used, "--max-steps", "1", "--overwrite"))  # start over, deleting the old run
+    assert not list(used.glob("checkpoint-*")) and [l["step"] for l in metrics(used)] == [1]
 
 
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
