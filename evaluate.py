@@ -367,12 +367,13 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="synthetic", help="dataset name (see data.DATASETS)")
     p.add_argument("--data-root", default=None, help="dataset folder (real datasets)")
     p.add_argument("--image-root", default=None, help="image folder (default: --data-root)")
-    p.add_argument("--split", default="test", help="train, val or test")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default: test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples (default: all)")
     p.add_argument("--template", default="chain-of-box", help="chain-of-box, plain, or a text file with {question}")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer decoded")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer decoded (default: 256)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--min-pixels", type=int, default=None, help="processor's minimum image area in pixels")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="processor's maximum image area (default: its own, capped at 1003520 = 1280 visual tokens)")
@@ -383,6 +384,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.image and not args.phrase:
         p.error("--image needs --phrase")
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: expected at least 1")
+    for option, files in (("--predictions", [args.predictions]), ("--compare", args.compare or []),
+                          ("--image", [args.image]),
+                          ("--plot-run", [args.plot_run and str(Path(args.plot_run) / "metrics.jsonl")])):
+        for f in files:
+            if f and not Path(f).is_file():
+                p.error(f"{option}: no such file: {f}")
     return args
 
 
@@ -398,7 +407,10 @@ def main(argv=None):
         print(compare_table(args.compare, args.paper))
         return 0
     if args.predictions:
-        rows, kind = load_predictions(args.predictions)
+        try:
+            rows, kind = load_predictions(args.predictions)
+        except ValueError as e:  # a malformed line: the message names it
+            raise SystemExit(f"error: {e}")
         print(f"{args.predictions}: detected format: {kind}; {len(rows)} records")
         same_file = (out / "predictions.jsonl").resolve() == Path(args.predictions).resolve()
         write_results(out, None if same_file else rows, {"source": str(args.predictions), **metrics_of(rows)})
@@ -410,12 +422,15 @@ def main(argv=None):
 
     if not args.image and args.dataset not in DATASETS:  # fail before loading a large model
         raise SystemExit(f"--dataset {args.dataset!r}: expected one of {', '.join(DATASETS)}")
+    try:  # everything that can be checked before a large model loads
+        template = load_template(args.template)
+        model_path = resolve_model_path(args.model, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     max_pixels = args.max_pixels  # None: the processor's own, capped (grpo_min.models.DEFAULT_MAX_PIXELS)
-    model, processor, frame = load_model(resolve_model_path(args.model, args.seed),
-                                         dtype=resolve_dtype(args.dtype, device), device=device,
+    model, processor, frame = load_model(model_path, dtype=resolve_dtype(args.dtype, device), device=device,
                                          min_pixels=args.min_pixels, max_pixels=max_pixels)
-    template = load_template(args.template)
 
     if args.image:
         with Image.open(args.image) as f:

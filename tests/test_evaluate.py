@@ -137,6 +137,26 @@ def test_bad_files_fail_with_a_clear_message(tmp_path):
         load_predictions(broken)
     with pytest.raises(ValueError, match="ground-truth"):
         row_from_record({"model_output": "[1, 2, 3, 4]", "ground_truth": [1, 2, 3]}, 0)
+    # the command line says the same in one line, no traceback
+    with pytest.raises(SystemExit, match="error: .*line 2"):
+        evaluate.main(["--predictions", str(broken), "--output-dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--predictions", "missing.jsonl"], "--predictions: no such file: missing.jsonl"),
+    (["--compare", "a.json"], "--compare: no such file: a.json"),
+    (["--plot-run", "no-run"], "--plot-run: no such file"),
+    (["--limit", "0"], "--limit 0: expected at least 1"),
+    (["--split", "validation"], "invalid choice: 'validation'"),
+    (["--template", "missing.txt"], "no such file"),
+])
+def test_command_line_mistakes_are_named_before_any_model_loads(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("grpo_min.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("grpo_min.models.resolve_model_path", lambda *a, **k: pytest.fail("resolved a model"))
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(argv)
+    assert message in f"{stop.value.code} {capsys.readouterr().err}"
 
 
 # ---------------------------------------------------------------------------------------------- tables
