@@ -1253,6 +1253,9 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | None = Non
     if ds.skipped.total and os.environ.get("RANK", "0") == "0":
         print(f"{name}/{split}: {ds.skipped.summary()} (python data.py --dataset {name} ... lists examples)",
               file=sys.stderr)
+    if len(ds) and all(max(s.box) <= 1.0 for s in ds) and os.environ.get("RANK", "0") == "0":
+        print(f"WARNING: {name}/{split}: every box lies within [0, 1]; boxes must be in pixels of the original "
+              "image (x1, y1, x2, y2), not normalised: multiply them by the image's width and height", file=sys.stderr)
     return SampleList(ds[:limit], ds.skipped, ds.source) if limit is not None else ds
 
 

@@ -40,7 +40,8 @@ def opt(default, help, **kw):
 @dataclass
 class Config:
     # --- what to train ---
-    model: str = opt("tiny", "model folder (Qwen2.5-VL / Qwen2-VL save_pretrained), or 'tiny' for the demo model")
+    model: str = opt("tiny", "model folder (Qwen2.5-VL / Qwen2-VL save_pretrained), or 'tiny' for the demo model "
+                     "(the word tiny also applies the demo preset to every option you do not set)")
     dataset: str = opt("synthetic", "dataset name", choices=DATASETS)
     data_root: str | None = opt(None, "dataset folder (real datasets)")
     image_root: str | None = opt(None, "image folder (default: --data-root)")
@@ -262,7 +263,7 @@ class Preemption:
     """Remember a SIGTERM / SIGINT (SLURM sends SIGTERM before killing a job) until the step ends."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.training = False, True
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -270,6 +271,10 @@ class Preemption:
         if self.requested:  # a second signal: stop now
             raise KeyboardInterrupt
         self.requested = True
+        if not self.training:  # the final evaluation and save: nothing left to checkpoint
+            print(f"[rank {dist.rank()}] got signal {signum}: training is done, finishing the final evaluation and "
+                  "save (signal again to stop now)", flush=True)
+            return
         print(f"[rank {dist.rank()}] got signal {signum}: saving a checkpoint at the end of this step", flush=True)
 
     def any_rank(self, device) -> bool:
@@ -522,6 +527,7 @@ def main(argv=None):
             checkpoint(step + 1)
 
     # ------------------------------------------------------------------ the end: test numbers, final model
+    preemption.training = False
     after, _ = evaluate_split(raw, processor, test_set, template, frame, cfg, device)
     save_model(out / "final", policy, processor)
     if dist.is_main():

@@ -291,6 +291,19 @@ def test_jsonl_both_layouts_and_image_modes(tmp_path):
         assert img.mode == "RGB" and img.size == (64, 48) and np.asarray(img).max() > 100
 
 
+def test_jsonl_normalised_boxes_get_a_warning(tmp_path, capsys):
+    root = write_jsonl_fixture(tmp_path)
+    lines = [json.loads(x) for x in (root / "all.jsonl").read_text().splitlines()]
+    for r in lines:
+        if "width" in r and len(r.get("box", [])) == 4:
+            r["box"] = [r["box"][0] / r["width"], r["box"][1] / r["height"], r["box"][2] / r["width"], r["box"][3] / r["height"]]
+    (root / "norm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines if "width" in r))
+    load_dataset("jsonl", "train", data_root=root / "norm.jsonl")
+    assert "every box lies within [0, 1]" in capsys.readouterr().err
+    load_dataset("jsonl", "train", data_root=root / "all.jsonl")
+    assert "every box lies within" not in capsys.readouterr().err
+
+
 def test_jsonl_without_split_field_gets_a_seeded_split(tmp_path):
     root = write_jsonl_fixture(tmp_path)
     lines = [json.loads(x) for x in (root / "all.jsonl").read_text().splitlines()]
