@@ -1061,6 +1061,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 def _m3d_case_slices(ct: Path, mask: Path, ids: list[int], out: Path) -> dict[int, dict | str]:
     """For each region id: its slice PNG, box and size (or why there is none), from the cache when fresh."""
     source = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in (ct, mask)}
+    source["reader"] = 2  # bump when _read_volumes changes what it returns (2: the mask follows the CT's orientation)
     index_file, regions = out / "regions.json", {}
     if index_file.is_file():
         index = json.loads(index_file.read_text())

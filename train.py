@@ -25,7 +25,7 @@ import rewards as R
 from data import DATASETS, DatasetError, check_images, load_dataset
 from evaluate import metrics_of, predict
 from grpo_min import dist
-from grpo_min.checkpoint import (CheckpointError, check_checkpoint, check_output_dir, find_resume_path,
+from grpo_min.checkpoint import (CheckpointError, check_checkpoint, check_output_dir, delete_outputs, find_resume_path,
                                  load_checkpoint, save_checkpoint, save_model)
 from grpo_min.loss import group_advantages, grpo_loss
 from grpo_min.models import compute_precision, load_model, load_reference, resolve_dtype, resolve_model_path
@@ -148,6 +148,8 @@ def parse_config(argv=None) -> Config:
         parser.add_argument(name, type=kind, choices=f.metadata.get("choices"), help=help)
     given = vars(parser.parse_args(argv))
     preset = {k: v for k, v in TINY_PRESET.items() if k not in given} if given.get("model", "tiny") == "tiny" else {}
+    if "num_train_epochs" in given:  # training by epochs: the preset's step count must not override it
+        preset.pop("max_steps", None)
     config = Config(**{**preset, **given})
     for name, (ok, expected) in LIMITS.items():
         value = getattr(config, name)
@@ -294,7 +296,8 @@ def load_policy(path, cfg: Config, dtype, device):
 
 
 def warn_config_changes(saved: dict, cfg: Config):
-    ignore = {"resume", "output_dir", "max_steps", "num_train_epochs", "eval_steps", "save_steps", "save_total_limit"}
+    ignore = {"resume", "overwrite", "output_dir", "max_steps", "num_train_epochs", "eval_steps", "eval_limit",
+              "save_steps", "save_total_limit"}
     changed = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if k not in ignore and saved.get(k) != v}
     if changed:
         dist.print0("WARNING: resuming with a different configuration: " +
@@ -311,7 +314,6 @@ def main(argv=None):
         check_checkpoint(resume_path)
     elif cfg.resume == "auto":
         dist.print0(f"--resume auto: no complete checkpoint in {out}; starting from the beginning")
-    check_output_dir(out, resume_path, overwrite=cfg.overwrite)
     template = load_template_or_exit(cfg.template)
     t_start = time.time()
     preemption = Preemption()
@@ -323,6 +325,9 @@ def main(argv=None):
         model_path = dist.on_main_first(lambda: resolve_model_path(cfg.model, cfg.seed))
     except (FileNotFoundError, ValueError) as e:  # no such folder, or a model family that is not supported
         raise SystemExit(f"error: {e}")
+    # An earlier run in --output-dir: refused, or (--overwrite) deleted once every input has been checked.
+    earlier_run = check_output_dir(out, resume_path, overwrite=cfg.overwrite,
+                                   keep=tuple(p for p in (model_path, resume_path) if p is not None))
     # Resuming loads the policy from the checkpoint; the reference is always the starting model.
     policy, processor, frame = load_policy(resume_path or model_path, cfg, torch.float32, device)
     # The reference runs exactly as the policy does (float32 weights, same autocast), so that its
@@ -334,13 +339,23 @@ def main(argv=None):
                                    semantic_weight=cfg.semantic_weight if semantic_scorer else 0.0,
                                    semantic_on=cfg.semantic_on)
     never_ids = special_token_ids(processor)["never"]
+    # Gradient checkpointing cannot keep the prompt's KV cache in the policy's pass; the reference and
+    # old-policy passes then take the same path, so that all three compute alike (KL 0 and ratio 1 at
+    # the start, also in bfloat16).
+    share_prompt = not cfg.gradient_checkpointing
     train_set, val_set, test_set = load_splits(cfg)
-    if dist.is_main():  # written once every input has been checked, so a refused run leaves the folder as it was
+    delete_outputs(earlier_run)  # only now: a refused run leaves the folder as it was
+    if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     G = cfg.num_generations
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
-    total_steps = cfg.max_steps or math.ceil(cfg.num_train_epochs * len(train_set) / per_step)
+    origin = (0, 0)  # (step, training-prompt position) the run starts from; a resumed run's comes from its checkpoint
+    if resume_path is not None:
+        saved = json.loads((resume_path / "trainer_state.json").read_text())
+        origin = (saved["step"], saved.get("data_position", saved["step"] * per_step))
+    # By epochs: the prompts left to see, in steps of this run's size (which may differ from the checkpoint's).
+    total_steps = cfg.max_steps or origin[0] + math.ceil((cfg.num_train_epochs * len(train_set) - origin[1]) / per_step)
     dist.print0(f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters, {len(train_set)} training "
                 f"prompts, {total_steps} steps x {per_step} prompts x {G} completions, box frame '{frame}'")
     policy = dist.wrap(policy, fsdp=cfg.fsdp)
@@ -358,12 +373,11 @@ def main(argv=None):
                 model.reshard()  # the root stays unsharded after a forward; the optimizer must see the shards
     optimizer, scheduler = make_optimizer(policy, cfg, total_steps)
 
-    start_step, bad_steps, origin = 0, 0, (0, 0)
+    start_step, bad_steps = 0, 0
     if resume_path is not None:
         state = load_checkpoint(resume_path, policy, optimizer, scheduler)
         warn_config_changes(state["config"], cfg)
         start_step, before = state["step"], state["before"]
-        origin = (start_step, state.get("data_position", start_step * per_step))
         dist.print0(f"resumed from {resume_path} at step {start_step} (training prompt {origin[1]})")
         if state.get("world_size") != dist.world_size():
             dist.print0(f"WARNING: the checkpoint was written by {state.get('world_size')} processes, this run has "
@@ -422,7 +436,7 @@ def main(argv=None):
         with torch.no_grad(), amp():
             for r in rollouts:
                 args = (r.prompts, r.completion_ids, r.completion_mask)
-                kw = dict(group_size=G, temperature=cfg.temperature, never_ids=never_ids)
+                kw = dict(group_size=G, temperature=cfg.temperature, never_ids=never_ids, share_prompt=share_prompt)
                 old_logps.append(completion_logps(raw, *args, **kw) if cfg.num_iterations > 1 else None)
                 ref_logps.append(completion_logps(reference, *args, **kw) if reference is not None else None)
 
@@ -436,7 +450,8 @@ def main(argv=None):
                 with dist.no_sync_unless_last(policy, m == len(rollouts) - 1):
                     with amp():  # the forward in the compute precision; log-probs come out in float32
                         logps = completion_logps(policy, r.prompts, r.completion_ids, r.completion_mask, group_size=G,
-                                                 temperature=cfg.temperature, never_ids=never_ids)  # (B*G, T)
+                                                 temperature=cfg.temperature, never_ids=never_ids,
+                                                 share_prompt=share_prompt)  # (B*G, T)
                     old = old_logps[m] if old_logps[m] is not None else logps.detach()  # mu = 1: ratio 1
                     loss, stats = grpo_loss(logps, old, adv, r.completion_mask, ref_logps=ref_logps[m],
                                             beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,

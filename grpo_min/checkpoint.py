@@ -105,27 +105,33 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
 RUN_OUTPUTS = ("final", "summary.json", "metrics.jsonl", "completions")  # besides checkpoint-* folders
 
 
-def check_output_dir(out_dir: Path, resume_path: Path | None, overwrite: bool = False):
-    """Refuse to mix two runs in one folder, before anything is trained (``overwrite``: delete the old one).
+def check_output_dir(out_dir: Path, resume_path: Path | None, overwrite: bool = False,
+                     keep: tuple[Path, ...] = ()) -> list[Path]:
+    """Refuse to mix two runs in one folder, before anything loads; return what ``--overwrite`` deletes.
 
     A fresh run would replace an earlier run's results, and pruning and ``--resume auto`` go by step
     number: next to an earlier run's ``checkpoint-300``, a new ``checkpoint-50`` would be pruned at
-    once and ``--resume auto`` would continue the other run.
+    once and ``--resume auto`` would continue the other run. A run resumed from a checkpoint of
+    another folder counts as new here. The caller deletes the returned paths (``delete_outputs``)
+    only once every other input is checked; ``keep`` (the model and checkpoint to load) must not be
+    among them.
     """
     out_dir = Path(out_dir)
     found = complete_checkpoints(out_dir)
-    if resume_path is None:
+    own = resume_path is not None and Path(resume_path).resolve().parent == out_dir.resolve()
+    earlier = []
+    if not own:
         earlier = [p for p in sorted(out_dir.glob("checkpoint-*")) if p.is_dir()]
         earlier += [out_dir / name for name in RUN_OUTPUTS if (out_dir / name).exists()]
-        if earlier and not overwrite:
-            raise CheckpointError(
-                f"{out_dir} holds an earlier run ({', '.join(p.name for p in earlier)}). Continue it with "
-                "--resume auto, write this run to another --output-dir, or pass --overwrite to delete it and start over.")
-        if earlier and dist.is_main():
-            for p in earlier:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        dist.barrier()
-    if resume_path is not None:
+    if earlier and not overwrite:
+        hint = "Continue it with --resume auto, write" if found else "Write"
+        raise CheckpointError(f"{out_dir} holds an earlier run ({', '.join(p.name for p in earlier)}). {hint} this "
+                              "run to another --output-dir, or pass --overwrite to delete it and start over.")
+    for p in earlier:
+        for k in keep:
+            if Path(k).resolve() == p.resolve() or p.resolve() in Path(k).resolve().parents:
+                raise CheckpointError(f"--overwrite would delete {p}, which this run loads ({k}): copy it elsewhere first")
+    if own:
         step = json.loads((Path(resume_path) / "trainer_state.json").read_text())["step"]
         later = [p for p in found if int(_NAME.match(p.name).group(1)) > step]
         if later:
@@ -133,6 +139,15 @@ def check_output_dir(out_dir: Path, resume_path: Path | None, overwrite: bool = 
                 f"{out_dir} holds {', '.join(p.name for p in later)}, later than the step-{step} checkpoint this run "
                 "resumes from: its new checkpoints would be pruned in their favour and --resume auto would pick "
                 "them. Resume into another --output-dir, or move those folders away.")
+    return earlier
+
+
+def delete_outputs(paths: list[Path]):
+    """Delete an earlier run's outputs (rank 0; every rank waits)."""
+    if dist.is_main():
+        for p in paths:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    dist.barrier()
 
 
 def find_resume_path(resume: str, out_dir: Path) -> Path | None:

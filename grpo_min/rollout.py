@@ -106,7 +106,10 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
     # and a fine-tuned folder may carry no_repeat_ngram_size, min_length, ... Any of these would
     # sample from a distribution that the loss's log-probs do not describe, so a blank one stands in
     # while sampling: only `config` and the library's neutral defaults apply.
-    saved_defaults, model.generation_config = model.generation_config, GenerationConfig()
+    # Greedy decoding (evaluation) keeps the checkpoint's defaults, as the released evaluation does.
+    saved_defaults = model.generation_config
+    if not greedy:
+        model.generation_config = GenerationConfig()
     model.eval()
     try:
         out = model.generate(**prompts.inputs, generation_config=config, synced_gpus=synced_gpus)  # (B*G, P+T)
@@ -122,7 +125,7 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
 
 def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                      *, group_size: int, temperature: float = 1.0, never_ids: list[int] | None = None,
-                     encode_image_once: bool = True) -> torch.Tensor:
+                     encode_image_once: bool = True, share_prompt: bool = True) -> torch.Tensor:
     """Log-probabilities (B*G, T) of each completion token under ``model``, from logits / temperature.
 
     The plain path (``encode_image_once=False``) scores B*G rows of prompt + completion, with
@@ -134,12 +137,14 @@ def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, 
       and the B*G completions on top of their KV cache;
     * with gradient checkpointing, which cannot keep that cache, by sharing the vision features
       only: each of the B images is encoded once and its features, repeated G times, go to the
-      language model (``mm_encoder_outputs``), which still reads B*G whole rows.
+      language model (``mm_encoder_outputs``), which still reads B*G whole rows. ``share_prompt=False``
+      selects this path too (train.py does, for every pass of a run with gradient checkpointing, so
+      that policy, reference and old policy compute alike).
 
     Gradients flow into the vision tower on every path.
     """
     inner = getattr(model, "module", model)  # under DDP the model itself is reached through .module
-    if encode_image_once and not _drops_kv_cache(inner):
+    if encode_image_once and share_prompt and not _drops_kv_cache(inner):
         return _logps_sharing_the_prompt(model, prompts, completion_ids, completion_mask, group_size=group_size,
                                          temperature=temperature, never_ids=never_ids)
     inputs = prompts.inputs

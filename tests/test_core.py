@@ -358,3 +358,10 @@ def test_a_model_folder_of_another_family_is_refused_before_loading(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "model type 'gpt2' is not supported" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_the_demo_preset_leaves_training_by_epochs_alone():
+    import train
+
+    assert train.parse_config([]).max_steps == 300  # the demo's step count
+    assert train.parse_config(["--num-train-epochs", "1"]).max_steps is None  # by epochs, as asked

@@ -150,6 +150,17 @@ def test_an_output_dir_never_mixes_two_runs_checkpoints(straight1, tiny_model_di
         assert "Traceback" not in result.stderr
     assert sorted(p.name for p in used.iterdir()) == sorted(p.name for p in straight1.iterdir())  # nothing touched
     assert (used / "config.json").read_text() == config
+    # a checkpoint of another folder resumed into this one counts as a new run here
+    other = tmp_path / "other"
+    shutil.copytree(straight1 / "checkpoint-2", other / "checkpoint-2")
+    result = subprocess.run([sys.executable] + small_run(tiny_model_dir, used, "--resume", str(other / "checkpoint-2")),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "holds an earlier run" in result.stderr, result.stderr[-2000:]
+    # --overwrite never deletes what the run loads
+    result = subprocess.run([sys.executable] + small_run(used / "final", used, "--overwrite"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "which this run loads" in result.stderr, result.stderr[-2000:]
+    assert (used / "final" / "config.json").exists()
     run(small_run(tiny_model_dir, used, "--max-steps", "1", "--overwrite"))  # start over, deleting the old run
     assert not list(used.glob("checkpoint-*")) and [l["step"] for l in metrics(used)] == [1]
 
@@ -182,11 +193,12 @@ def test_resuming_on_another_number_of_ranks_continues_the_data(straight2, tiny_
     resumed = [train.prompt_indices(step, 0, cfg, 2000, origin=(2, 8)) for step in (2, 3)]
     assert resumed == [order[8:10].tolist(), order[10:12].tolist()]
     assert train.prompt_indices(2, 0, cfg, 2000) == order[4:6].tolist()  # what a fresh 1-rank run would use
-    result = run(small_run(tiny_model_dir, tmp_path / "r", "--max-steps", "3",
+    # By epochs: 12 prompts in all, 8 seen by the 2-rank run; 2 per step on 1 rank leaves steps 3 and 4.
+    result = run(small_run(tiny_model_dir, tmp_path / "r", "--num-train-epochs", "0.006",
                            "--resume", str(straight2 / "checkpoint-2")))
     assert "at step 2 (training prompt 8)" in result.stdout
     assert "written by 2 processes, this run has 1" in result.stdout
-    assert [l["step"] for l in metrics(tmp_path / "r")] == [3]
+    assert [l["step"] for l in metrics(tmp_path / "r")] == [3, 4]
 
 
 def test_non_finite_updates_are_skipped_then_the_run_stops(tiny_model_dir, tmp_path, monkeypatch):
@@ -333,6 +345,8 @@ def test_memory_options_run(tiny_model_dir, tmp_path):
     lines = metrics(out)
     assert [l["step"] for l in lines] == [1, 2]
     assert [l["lr"] for l in lines] == pytest.approx([5e-4, 1e-3])  # the rate each update used (warm-up 1/2, 2/2)
+    # with checkpointing the reference takes the policy's path too, so even in bfloat16 the KL starts at 0
+    assert lines[0]["kl"] == 0.0
     # 2 micro-batches x 2 prompts x 4 completions per step
     assert all(l["completion_tokens"] == pytest.approx(l["completion_length"] * 2 * 2 * 4) for l in lines)
     start, end = weights(tiny_model_dir), weights(out / "final")
