@@ -95,7 +95,12 @@ def random_model(name: str, processor, seed: int):
         vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
     )
     torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    # Both end-of-turn tokens, as the tiny model (and Qwen's checkpoints) list them: TRL stops where the
+    # model's generation_config says, grpo_min where special_token_ids says; they must agree.
+    model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
 
 
 def load_models(args, device, dtype):
@@ -153,7 +158,7 @@ def grpo_step(args, policy, reference, processor, optimizer, scheduler, images, 
     G = args.num_generations
     never_ids = special_token_ids(processor)["never"]
     with timer("encode"):
-        prompts = encode_prompts(processor, images, [PHRASES[i % len(PHRASES)] for i in range(len(images))],
+        prompts = encode_prompts(processor, images, [PHRASES[0]] * len(images),  # one text, as scripts/trl_driver.py
                                  CHAIN_OF_BOX, device=device)
     with timer("generate"), amp():
         rollout = generate_completions(policy, processor, prompts, num_generations=G,

@@ -185,8 +185,9 @@ def warm_start(model, processor, template: str, seed: int = 0, steps: int = WARM
 def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> Path:
     """Build (or reuse from the cache) the warm-started tiny model; return its folder.
 
-    The folder name hashes the recipe, so a changed recipe never reuses stale weights. Building is
-    deterministic for a seed. ``overrides`` (e.g. ``steps=20``) give a cheaper model for tests.
+    The folder name hashes the recipe, so a changed recipe never reuses stale weights (the prompt
+    texts are not in it: tests/test_core.py asks for a RECIPE_VERSION bump when they change). Building
+    is deterministic for a seed and a number of threads (float sums depend on the thread count). ``overrides`` (e.g. ``steps=20``) give a cheaper model for tests.
     """
     from grpo_min.prompts import CHAIN_OF_BOX
 
@@ -213,21 +214,31 @@ def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> 
 def cached_build(prefix: str, recipe: dict, build) -> Path:
     """``cache_dir()/<prefix>-<hash of recipe>``: built once by ``build() -> (model, processor)``.
 
-    Written under a temporary name and renamed when complete, so an interrupted build is never reused.
+    Written under a temporary name of its own and renamed when complete, so an interrupted build is
+    never reused and two processes building at once (two runs in two terminals) do not collide: the
+    first rename wins, the other build is discarded.
     """
+    import shutil
+    import tempfile
+
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = cache_dir() / f"{prefix}-{key}"
     if (path / "config.json").exists() and (path / "recipe.json").exists():
         return path
     t0 = time.time()
     model, processor = build()
-    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1))
-    if path.exists():  # a concurrent build finished first
+    try:
+        tmp.rename(path)
+    except OSError:  # a concurrent build finished first (the target exists and is not empty)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "recipe.json").exists():
+            raise
         return path
-    tmp.rename(path)
     print(f"Built {path} in {time.time() - t0:.0f} s ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           "parameters)")
     return path

@@ -36,25 +36,27 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from grpo_min.bench import PHRASES, random_model, synthetic_image  # noqa: E402
+from grpo_min.bench import MODEL_CONFIGS, PHRASES, random_model, synthetic_image  # noqa: E402
 from grpo_min.prompts import CHAIN_OF_BOX, render_question  # noqa: E402
-from grpo_min.tiny import build_processor, cache_dir  # noqa: E402
+from grpo_min.tiny import RECIPE_VERSION, build_processor, cached_build  # noqa: E402
 
 G, L, BETA = 8, 32, 0.04
 
 
 def model_folder(name: str, seed: int = 0, dtype: str = "float32") -> Path:
-    """The random-weight model ``name`` saved as a Qwen2.5-VL folder (built once, then reused)."""
-    path = cache_dir() / "bench" / f"{name}-seed{seed}-{dtype}"
-    if (path / "config.json").exists():
-        return path
-    processor = build_processor()
-    processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}  # 112 to 448 px unresized
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 3B model is slow to draw on a CPU
-        model = random_model(name, processor, seed).to(getattr(torch, dtype))
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    """The random-weight model ``name`` saved as a Qwen2.5-VL folder (built once, then reused; the folder
+    name hashes what it is built from, and it is written atomically, like the demo model)."""
+    recipe = dict(kind="bench", name=name, dims=MODEL_CONFIGS.get(name), seed=seed, dtype=dtype,
+                  tiny_version=RECIPE_VERSION, version=2)
+
+    def build():
+        processor = build_processor()
+        processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}  # 112-448 px unresized
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 3B model is slow to draw on a CPU
+            model = random_model(name, processor, seed).to(getattr(torch, dtype))
+        return model, processor
+
+    return cached_build(f"bench-{name}-seed{seed}-{dtype}", recipe, build)
 
 
 def run_json(cmd: list[str], env: dict, log, timeout: int = 3600) -> dict:

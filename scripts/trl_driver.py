@@ -6,7 +6,8 @@ Run with the TRL venv (requirements-dev-trl.txt), never the project's; the proje
 
 The work per step is the benchmark's (grpo_min/bench.py): ``--batch-size`` prompts (default 1; prompt
 i uses the i-th ``--image``, the same text, every step) x G sampled completions of at most L tokens,
-in ``--dtype`` (fp32 by default; bfloat16 loads the weights in bf16, as grpo_min.bench does), beta
+in ``--dtype`` (fp32 by default; bfloat16 computes in bf16 under autocast over float32 weights, as
+grpo_min.bench and train.py do), beta
 as given, loss "grpo", one update per generation, AdamW at 1e-6 with gradient clipping at 1.0. Settings that would make TRL do *more*
 work than grpo_min are turned off: gradient checkpointing (GRPOConfig defaults it on), bf16 (on by
 default), and the bias-corrected KL (plain k3, as in docs/METHOD.md). The same tokens are suppressed when
@@ -106,7 +107,7 @@ def main():
         max_completion_length=args.max_completion_length, temperature=1.0, top_k=0, top_p=1.0,
         beta=args.beta, loss_type="grpo", use_bias_correction_kl=False, scale_rewards="group",
         learning_rate=1e-6, max_grad_norm=1.0, bf16=args.dtype == "bfloat16", fp16=False,
-        gradient_checkpointing=False, model_init_kwargs={"dtype": args.dtype}, use_vllm=False, log_completions=False,
+        gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"}, use_vllm=False, log_completions=False,
         generation_kwargs={"suppress_tokens": never}, dataloader_pin_memory=False,
     )
     timer = StepTimer()

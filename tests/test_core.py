@@ -365,3 +365,32 @@ def test_the_demo_preset_leaves_training_by_epochs_alone():
 
     assert train.parse_config([]).max_steps == 300  # the demo's step count
     assert train.parse_config(["--num-train-epochs", "1"]).max_steps is None  # by epochs, as asked
+
+
+def test_changing_the_prompt_texts_asks_for_a_new_tiny_recipe():
+    """The tiny model's tokenizer is fitted on the rendered prompts and its warm start reads them, but
+    its cache key does not hash them: whoever edits QUESTION or a template must bump
+    grpo_min.tiny.RECIPE_VERSION (so no stale cached model is reused), then update this fingerprint."""
+    import hashlib
+
+    from grpo_min.prompts import QUESTION, TEMPLATES
+
+    fingerprint = hashlib.sha256(json.dumps([QUESTION, sorted(TEMPLATES.items())]).encode()).hexdigest()[:12]
+    assert (tiny.RECIPE_VERSION, fingerprint) == (2, "02806430ebff")
+
+
+def test_a_concurrent_build_of_the_same_cached_model_is_harmless(tmp_path, monkeypatch):
+    """Two processes building one cache entry (two runs started together): the first to finish wins,
+    the other's files are discarded, and no temporary folder is left behind."""
+    monkeypatch.setenv("GRPO_MIN_CACHE", str(tmp_path))
+    processor = tiny.build_processor()
+    other = []
+
+    def build():
+        if not other:  # while this build runs, another process completes the same one
+            other.append(tiny.cached_build("x", {"a": 1}, lambda: (tiny.build_model(processor, 0), processor)))
+        return tiny.build_model(processor, 0), processor
+
+    path = tiny.cached_build("x", {"a": 1}, build)
+    assert path == other[0] and (path / "recipe.json").exists() and (path / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
