@@ -80,7 +80,7 @@ class Config:
     num_train_epochs: float = opt(2.0, "passes over the training prompts, when --max-steps is not given")
     # --- checkpoints, resume, faults ---
     save_steps: int = opt(0, "write checkpoint-<step> every N steps (0: only on preemption)")
-    save_total_limit: int | None = opt(2, "keep only the last K checkpoints")
+    save_total_limit: int | None = opt(2, "keep only the last K checkpoints (0: keep all)")
     resume: str | None = opt(None, "'auto' (latest complete checkpoint in --output-dir; none: start from the beginning) "
                              "or a checkpoint folder")
     overwrite: bool = opt(False, "start over in an --output-dir that holds an earlier run's outputs, deleting them")
@@ -140,7 +140,8 @@ def parse_config(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
     for f in fields(Config):
-        name, help = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        help += "" if "default:" in help else f" (default: {f.default})"
         if f.type == "bool":
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
             continue
