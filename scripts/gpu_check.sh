@@ -42,12 +42,12 @@ cp /tmp/bench_vs_trl/results.jsonl "$OUT/bench_results.jsonl" 2>/dev/null
 cp /tmp/bench_vs_trl/log.txt "$OUT/bench_log.txt" 2>/dev/null
 
 echo "== 2. train.py on one GPU, DDP and FSDP2 (torchrun --nproc_per_node=1)"
-MODEL=$(ls -d "$GRPO_MIN_CACHE/bench/$MODEL_CONFIG-seed0-$DTYPE")
+MODEL=$(ls -d "$GRPO_MIN_CACHE"/bench-"$MODEL_CONFIG"-seed0-"$DTYPE"-* | head -n 1)  # written by bench_vs_trl.py above
 for mode in ddp fsdp; do
     extra=""; [ "$mode" = fsdp ] && extra="--fsdp"
     timeout ${TRAIN_TIMEOUT:-120} python3 -m torch.distributed.run --nproc_per_node=1 train.py --model "$MODEL" --dtype "$DTYPE" \
         --max-steps "$TRAIN_STEPS" --batch-size 1 --num-generations 8 --max-completion-length "$LENGTH" --eval-steps 0 \
-        --eval-limit 8 --semantic-model none --output-dir "/tmp/train-$mode" $extra 2>&1 | tail -n 25 | tee -a "$OUT/train.txt"
+        --eval-limit 8 --semantic-model none --output-dir "/tmp/train-$mode" --overwrite $extra 2>&1 | tail -n 25 | tee -a "$OUT/train.txt"
     cp "/tmp/train-$mode/metrics.jsonl" "$OUT/train-$mode.jsonl" 2>/dev/null
     python3 - "$mode" "/tmp/train-$mode/metrics.jsonl" <<'EOF' 2>&1 | tee -a "$OUT/train.txt"
 import json, statistics, sys
