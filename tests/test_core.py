@@ -394,3 +394,21 @@ def test_a_concurrent_build_of_the_same_cached_model_is_harmless(tmp_path, monke
     path = tiny.cached_build("x", {"a": 1}, build)
     assert path == other[0] and (path / "recipe.json").exists() and (path / "config.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_greedy_evaluation_keeps_the_checkpoints_decoding_defaults(random_tiny):
+    """Evaluation decodes as the released evaluation does: greedy, with the checkpoint's own defaults
+    (Qwen2.5-VL-Instruct's repetition_penalty 1.05). Only sampling for training ignores them."""
+    model, processor = random_tiny
+    _, prompts = _prompts(processor, n=2)
+    greedy = lambda: generate_completions(model, processor, prompts, num_generations=1, max_new_tokens=24,
+                                          greedy=True).completion_ids
+    plain = greedy()
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.repetition_penalty = 5.0
+    try:
+        penalised = greedy()
+    finally:
+        model.generation_config = saved
+    assert not torch.equal(penalised, plain)
