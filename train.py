@@ -197,11 +197,15 @@ def prompt_indices(step: int, micro: int, cfg: Config, n: int, origin: tuple[int
     continues exactly where the interrupted one stopped, even on another number of ranks or with
     another batch size.
     """
-    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
-    origin_step, origin_position = origin
-    start = origin_position + (step - origin_step) * per_step + (micro * dist.world_size() + dist.rank()) * cfg.batch_size
+    start = data_position(step, cfg, origin) + (micro * dist.world_size() + dist.rank()) * cfg.batch_size
     return [int(epoch_order(cfg.seed, epoch, n)[pos]) for epoch, pos in
             (divmod(k, n) for k in range(start, start + cfg.batch_size))]
+
+
+def data_position(step: int, cfg: Config, origin: tuple[int, int] = (0, 0)) -> int:
+    """How many training prompts (all ranks together) were used before ``step``."""
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
+    return origin[1] + (step - origin[0]) * per_step
 
 
 @functools.lru_cache(maxsize=2)
@@ -311,9 +315,8 @@ def main(argv=None):
     torch.manual_seed(cfg.seed + dist.rank())
     out = Path(cfg.output_dir)
     resume_path = find_resume_path(cfg.resume, out) if cfg.resume else None
-    if resume_path is not None:
-        check_checkpoint(resume_path)
-    elif cfg.resume == "auto":
+    resume_state = check_checkpoint(resume_path) if resume_path is not None else None  # its trainer_state.json
+    if resume_path is None and cfg.resume == "auto":
         dist.print0(f"--resume auto: no complete checkpoint in {out}; starting from the beginning")
     template = load_template_or_exit(cfg.template)
     t_start = time.time()
@@ -327,7 +330,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:  # no such folder, or a model family that is not supported
         raise SystemExit(f"error: {e}")
     # An earlier run in --output-dir: refused, or (--overwrite) deleted once every input has been checked.
-    earlier_run = check_output_dir(out, resume_path, overwrite=cfg.overwrite,
+    earlier_run = check_output_dir(out, resume_path, resume_state and resume_state["step"], overwrite=cfg.overwrite,
                                    keep=tuple(p for p in (model_path, resume_path) if p is not None))
     # Resuming loads the policy from the checkpoint; the reference is always the starting model.
     policy, processor, frame = load_policy(resume_path or model_path, cfg, torch.float32, device)
@@ -352,9 +355,8 @@ def main(argv=None):
     G = cfg.num_generations
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
     origin = (0, 0)  # (step, training-prompt position) the run starts from; a resumed run's comes from its checkpoint
-    if resume_path is not None:
-        saved = json.loads((resume_path / "trainer_state.json").read_text())
-        origin = (saved["step"], saved.get("data_position", saved["step"] * per_step))
+    if resume_state is not None:
+        origin = (resume_state["step"], resume_state.get("data_position", resume_state["step"] * per_step))
     # By epochs: the prompts left to see, in steps of this run's size (which may differ from the checkpoint's).
     total_steps = cfg.max_steps or origin[0] + math.ceil((cfg.num_train_epochs * len(train_set) - origin[1]) / per_step)
     dist.print0(f"{sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters, {len(train_set)} training "
@@ -401,7 +403,7 @@ def main(argv=None):
     def checkpoint(step):
         return save_checkpoint(out, step, policy, processor, optimizer, scheduler,
                                {"config": asdict(cfg), "before": before,
-                                "data_position": origin[1] + (step - origin[0]) * per_step},
+                                "data_position": data_position(step, cfg, origin)},
                                cfg.save_total_limit)
 
     # ------------------------------------------------------------------ the GRPO loop
@@ -459,12 +461,11 @@ def main(argv=None):
                                             loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
                                             num_items_in_batch=num_items / dist.world_size())
                     # dapo is already normalised by the global token count (x ranks: DDP averages
-                    # gradients); the other types average over micro-batches.
-                    (loss if cfg.loss_type == "dapo" else loss / len(rollouts)).backward()
+                    # gradients), so its micro-batch losses add up; the other types average over them.
+                    share = 1 if cfg.loss_type == "dapo" else len(rollouts)
+                    (loss / share).backward()
                     total_loss += loss.detach()
-                # logged as it was backpropagated: dapo's micro-batch losses add up, the others average
-                share = 1 if cfg.loss_type == "dapo" else len(rollouts)
-                stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / share / cfg.num_iterations
+                stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() / share / cfg.num_iterations  # as applied
                 for k, v in stats.items():
                     stats_sum[k] = stats_sum.get(k, 0.0) + v / len(rollouts) / cfg.num_iterations
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))

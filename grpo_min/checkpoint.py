@@ -105,8 +105,8 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
 RUN_OUTPUTS = ("final", "summary.json", "metrics.jsonl", "completions")  # besides checkpoint-* folders
 
 
-def check_output_dir(out_dir: Path, resume_path: Path | None, overwrite: bool = False,
-                     keep: tuple[Path, ...] = ()) -> list[Path]:
+def check_output_dir(out_dir: Path, resume_path: Path | None, resume_step: int | None = None,
+                     overwrite: bool = False, keep: tuple[Path, ...] = ()) -> list[Path]:
     """Refuse to mix two runs in one folder, before anything loads; return what ``--overwrite`` deletes.
 
     A fresh run would replace an earlier run's results, and pruning and ``--resume auto`` go by step
@@ -132,12 +132,11 @@ def check_output_dir(out_dir: Path, resume_path: Path | None, overwrite: bool = 
             if Path(k).resolve() == p.resolve() or p.resolve() in Path(k).resolve().parents:
                 raise CheckpointError(f"--overwrite would delete {p}, which this run loads ({k}): copy it elsewhere first")
     if own:
-        step = json.loads((Path(resume_path) / "trainer_state.json").read_text())["step"]
-        later = [p for p in found if int(_NAME.match(p.name).group(1)) > step]
+        later = [p for p in found if int(_NAME.match(p.name).group(1)) > resume_step]
         if later:
             raise CheckpointError(
-                f"{out_dir} holds {', '.join(p.name for p in later)}, later than the step-{step} checkpoint this run "
-                "resumes from: its new checkpoints would be pruned in their favour and --resume auto would pick "
+                f"{out_dir} holds {', '.join(p.name for p in later)}, later than the step-{resume_step} checkpoint "
+                "this run resumes from: its new checkpoints would be pruned in their favour and --resume auto would pick "
                 "them. Resume into another --output-dir, or move those folders away.")
     return earlier
 
@@ -183,8 +182,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return state
 
 
-def check_checkpoint(path: Path):
-    """Refuse, with a clear message, a folder that is not a complete, readable checkpoint."""
+def check_checkpoint(path: Path) -> dict:
+    """Refuse, with a clear message, a folder that is not a complete, readable checkpoint; else return
+    its trainer state (step, data position, config)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"--resume {path}: no such checkpoint folder")
@@ -202,8 +202,9 @@ def check_checkpoint(path: Path):
             with safe_open(f, "pt") as handle:
                 for key in handle.keys():
                     handle.get_slice(key)
-        json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / "trainer_state.json").read_text())
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors model weights")
+    return state

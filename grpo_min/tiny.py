@@ -187,7 +187,8 @@ def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> 
 
     The folder name hashes the recipe, so a changed recipe never reuses stale weights (the prompt
     texts are not in it: tests/test_core.py asks for a RECIPE_VERSION bump when they change). Building
-    is deterministic for a seed and a number of threads (float sums depend on the thread count). ``overrides`` (e.g. ``steps=20``) give a cheaper model for tests.
+    is deterministic for a seed and a number of threads (float sums depend on the thread count).
+    ``overrides`` (e.g. ``steps=20``) give a cheaper model for tests.
     """
     from grpo_min.prompts import CHAIN_OF_BOX
 
