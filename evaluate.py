@@ -55,6 +55,8 @@ def decode_boxes(model, processor, images, phrases, orig_sizes, template: str, f
         box = parse_answer(text)  # in the model's frame
         if box is not None:
             box = tuple(round(v, 2) for v in from_model_frame(box, orig, resized, frame))
+            if not all(math.isfinite(v) for v in box):  # e.g. [1e308, ...] scaled up: unreadable, as --predictions
+                box = None  # would read the row back (as_box), so that rescoring counts it the same
         results.append((text, box))
     return results
 

@@ -1,5 +1,7 @@
 """Shared fixtures: a private model cache and a cheaply warm-started tiny Qwen2.5-VL."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 # (train.py, torchrun) inherit it through the environment.
 _CACHE = tempfile.mkdtemp(prefix="grpo_min_test_cache_")
 os.environ["GRPO_MIN_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # the models it built, at exit
 
 TEST_WARM_START_STEPS = 20  # a reduced warm start: enough for the answer format to appear
 

@@ -130,6 +130,17 @@ def test_our_predictions_rescore_to_the_same_numbers(tmp_path):
     assert len(load_predictions(single)[0]) == 1
 
 
+def test_an_answer_too_large_to_map_back_is_a_parse_failure_as_when_rescored(monkeypatch):
+    # [1e308, ...] is a finite number in the model's frame but infinite once scaled to the original
+    # image; the row would be read back by --predictions as no box, so it must count as none here too.
+    from types import SimpleNamespace
+    texts = ["<answer>[1e308, 0, 1.5e308, 10]</answer>", "<answer>[10, 20, 30, 40]</answer>"]
+    monkeypatch.setattr(evaluate, "encode_prompts", lambda *a, **k: SimpleNamespace(resized_sizes=[(56, 56)] * 2))
+    monkeypatch.setattr(evaluate, "generate_completions", lambda *a, **k: SimpleNamespace(texts=texts))
+    boxes = [box for _, box in evaluate.decode_boxes(None, None, [None] * 2, ["mass"] * 2, [(112, 112)] * 2, "")]
+    assert boxes == [None, (20.0, 40.0, 60.0, 80.0)]
+
+
 def test_bad_files_fail_with_a_clear_message(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(row(None)) + "\n{not json\n")
