@@ -14,6 +14,7 @@ import json
 import math
 import signal
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -137,8 +138,12 @@ LIMITS = {
 
 
 def parse_config(argv=None) -> Config:
+    preset_text = ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in TINY_PRESET.items())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
+                                     argument_default=argparse.SUPPRESS,
+                                     epilog=textwrap.fill(f"With --model tiny (the default) a demo preset replaces "
+                                                          f"some defaults above: {preset_text}. Any option you "
+                                                          "give wins over it.", 100, break_on_hyphens=False))
     for f in fields(Config):
         name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         help += "" if "default:" in help else f" (default: {f.default})"
@@ -250,10 +255,12 @@ def load_splits(cfg: Config):
         raise SystemExit(f"error: {e}")
     checked = []
     for name, ds in zip(("train", "val", "test"), splits):
+        source = getattr(ds, "source", "")
         ds, report = check_images(ds)
         dist.print0(f"{cfg.dataset}/{name} images: {report}")
-        if len(ds) == 0:
-            raise SystemExit(f"error: {cfg.dataset}/{name} has no usable sample (see the report above)")
+        if len(ds) == 0 and not (name == "val" and not cfg.eval_steps):  # val is read only by --eval-steps
+            why = "see the report above" if report.total else "the split is empty"
+            raise SystemExit(f"error: {cfg.dataset}/{name} has no usable sample ({why}{'; ' + source if source else ''})")
         checked.append(ds)
     return checked
 
@@ -271,8 +278,12 @@ class Preemption:
 
     def __init__(self):
         self.requested, self.training = False, True
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        """Give the signals back to their earlier handlers (a caller of main() gets its Ctrl-C back)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested:  # a second signal: stop now
@@ -300,6 +311,14 @@ def load_policy(path, cfg: Config, dtype, device):
     return policy, processor, frame
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut off by a crash counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def warn_config_changes(saved: dict, cfg: Config):
     ignore = {"resume", "overwrite", "output_dir", "max_steps", "num_train_epochs", "eval_steps", "eval_limit",
               "save_steps", "save_total_limit"}
@@ -311,6 +330,14 @@ def warn_config_changes(saved: dict, cfg: Config):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    preemption = Preemption()
+    try:
+        return run(cfg, preemption)
+    finally:
+        preemption.restore()
+
+
+def run(cfg: Config, preemption: Preemption):
     device = dist.setup()
     torch.manual_seed(cfg.seed + dist.rank())
     out = Path(cfg.output_dir)
@@ -320,7 +347,6 @@ def main(argv=None):
         dist.print0(f"--resume auto: no complete checkpoint in {out}; starting from the beginning")
     template = load_template_or_exit(cfg.template)
     t_start = time.time()
-    preemption = Preemption()
 
     # ------------------------------------------------------------------ models and data
     dtype = resolve_dtype(cfg.dtype, device)  # the compute precision; weights are loaded in float32
@@ -331,13 +357,16 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     # An earlier run in --output-dir: refused, or (--overwrite) deleted once every input has been checked.
     earlier_run = check_output_dir(out, resume_path, resume_state and resume_state["step"], overwrite=cfg.overwrite,
-                                   keep=tuple(p for p in (model_path, resume_path) if p is not None))
+                                   resume_auto=cfg.resume == "auto", keep=tuple(p for p in (model_path, resume_path) if p is not None))
+    # The data and the reward's scorer before the models: a mistake there is named in seconds, not
+    # after minutes of loading a 7B checkpoint.
+    train_set, val_set, test_set = load_splits(cfg)
+    semantic_scorer = load_semantic_scorer(cfg, device)
     # Resuming loads the policy from the checkpoint; the reference is always the starting model.
     policy, processor, frame = load_policy(resume_path or model_path, cfg, torch.float32, device)
     # The reference runs exactly as the policy does (float32 weights, same autocast), so that its
     # log-probs equal the policy's at the start and the KL starts at 0.
     reference = load_reference(model_path, dtype=torch.float32, device=device) if cfg.beta > 0 else None
-    semantic_scorer = load_semantic_scorer(cfg, device)
     reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
                                    spatial_kind=cfg.spatial_reward,
                                    semantic_weight=cfg.semantic_weight if semantic_scorer else 0.0,
@@ -347,7 +376,6 @@ def main(argv=None):
     # old-policy passes then take the same path, so that all three compute alike (KL 0 and ratio 1 at
     # the start, also in bfloat16).
     share_prompt = not cfg.gradient_checkpointing
-    train_set, val_set, test_set = load_splits(cfg)
     delete_outputs(earlier_run)  # only now: a refused run leaves the folder as it was
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -396,7 +424,7 @@ def main(argv=None):
     log = None
     if dist.is_main():  # a resumed run rewrites the lines logged after its checkpoint
         lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        kept = [l for l in lines if json.loads(l)["step"] <= start_step]
+        kept = [l for l in lines if _logged_step(l) <= start_step]
         (out / "metrics.jsonl").write_text("".join(l + "\n" for l in kept))
         log = open(out / "metrics.jsonl", "a")
 

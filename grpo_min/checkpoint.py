@@ -106,7 +106,7 @@ RUN_OUTPUTS = ("final", "summary.json", "metrics.jsonl", "completions")  # besid
 
 
 def check_output_dir(out_dir: Path, resume_path: Path | None, resume_step: int | None = None,
-                     overwrite: bool = False, keep: tuple[Path, ...] = ()) -> list[Path]:
+                     overwrite: bool = False, resume_auto: bool = False, keep: tuple[Path, ...] = ()) -> list[Path]:
     """Refuse to mix two runs in one folder, before anything loads; return what ``--overwrite`` deletes.
 
     A fresh run would replace an earlier run's results, and pruning and ``--resume auto`` go by step
@@ -114,7 +114,10 @@ def check_output_dir(out_dir: Path, resume_path: Path | None, resume_step: int |
     once and ``--resume auto`` would continue the other run. A run resumed from a checkpoint of
     another folder counts as new here. The caller deletes the returned paths (``delete_outputs``)
     only once every other input is checked; ``keep`` (the model and checkpoint to load) must not be
-    among them.
+    among them. With ``resume_auto`` and no complete checkpoint, what a run interrupted before its
+    first checkpoint leaves (``checkpoint-*.tmp``, ``metrics.jsonl``, ``completions``) is that run's
+    own: it is deleted and the run starts over, as a job requeued with ``--resume auto`` expects. A
+    finished run (``final``, ``summary.json``) is still refused.
     """
     out_dir = Path(out_dir)
     found = complete_checkpoints(out_dir)
@@ -123,7 +126,8 @@ def check_output_dir(out_dir: Path, resume_path: Path | None, resume_step: int |
     if not own:
         earlier = [p for p in sorted(out_dir.glob("checkpoint-*")) if p.is_dir()]
         earlier += [out_dir / name for name in RUN_OUTPUTS if (out_dir / name).exists()]
-    if earlier and not overwrite:
+    unfinished = resume_auto and not found and not any((out_dir / n).exists() for n in ("final", "summary.json"))
+    if earlier and not overwrite and not unfinished:
         hint = "Continue it with --resume auto, write" if found else "Write"
         raise CheckpointError(f"{out_dir} holds an earlier run ({', '.join(p.name for p in earlier)}). {hint} this "
                               "run to another --output-dir, or pass --overwrite to delete it and start over.")

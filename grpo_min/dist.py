@@ -17,7 +17,10 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    return td.get_rank() if is_distributed() else 0
+    if is_distributed():
+        return td.get_rank()
+    # Before setup() under torchrun (parsing options, say), the launcher's RANK already tells who prints.
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def world_size() -> int:
@@ -93,9 +96,14 @@ def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
 
 
 def _tmp_file() -> str:
+    """A path for the one-process group's rendezvous file, in a private folder removed at exit."""
+    import atexit
+    import shutil
     import tempfile
 
-    return tempfile.mktemp(prefix="grpo_min_pg_")
+    folder = tempfile.mkdtemp(prefix="grpo_min_pg_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return os.path.join(folder, "store")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

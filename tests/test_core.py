@@ -248,6 +248,7 @@ def test_train_help():
     for option in ("--num-generations", "--beta", "--epsilon-high", "--loss-type", "--scale-rewards",
                    "--max-completion-length", "--temperature", "--learning-rate", "--template", "--num-iterations"):
         assert option in out.stdout
+    assert "demo preset replaces some defaults above: --batch-size 8," in out.stdout
 
 
 def test_fused_adamw_makes_the_same_updates_as_the_default(random_tiny):
@@ -358,6 +359,53 @@ def test_a_model_folder_of_another_family_is_refused_before_loading(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "model type 'gpt2' is not supported" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_data_and_scorer_mistakes_are_named_before_any_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    import signal
+
+    import train
+    from tests.fixtures import write_jsonl_fixture
+
+    class ReachedTheModels(Exception):
+        pass
+
+    def reached(*a, **k):
+        raise ReachedTheModels
+
+    monkeypatch.setattr(train, "load_policy", reached)
+    monkeypatch.setattr(train, "load_reference", reached)
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    base = ["--model", str(tiny_model_dir), "--beta", "0.04", "--dataset", "jsonl", "--output-dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="expected train.jsonl"):
+        train.main(base + ["--data-root", str(tmp_path / "nowhere")])
+    root = write_jsonl_fixture(tmp_path / "data")
+    with pytest.raises(SystemExit, match="--semantic-model '/no/such/scorer'"):
+        train.main(base + ["--data-root", str(root), "--semantic-model", "/no/such/scorer"])
+    # an empty val split: fatal only when --eval-steps would read it, and the message says why
+    (root / "val.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"jsonl/val has no usable sample \(the split is empty; .*val.jsonl"):
+        train.main(base + ["--data-root", str(root), "--eval-steps", "10"])
+    with pytest.raises(ReachedTheModels):  # the data passed: the models are next
+        train.main(base + ["--data-root", str(root), "--eval-steps", "0", "--semantic-model", "none"])
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # main() gives Ctrl-C back to its caller
+
+
+def test_a_cut_off_metrics_line_counts_as_after_the_checkpoint():
+    import train
+
+    assert train._logged_step('{"step": 3, "reward": 1.0}') == 3
+    assert train._logged_step('{"step": 5, "rew') == float("inf")
+
+
+def test_under_torchrun_only_rank_0_prints_even_before_the_group_is_joined(monkeypatch):
+    from grpo_min import dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert dist.rank() == 1 and not dist.is_main()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a stray RANK in a one-process run changes nothing
+    assert dist.rank() == 0
 
 
 def test_the_demo_preset_leaves_training_by_epochs_alone():

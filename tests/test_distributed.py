@@ -165,6 +165,24 @@ def test_an_output_dir_never_mixes_two_runs_checkpoints(straight1, tiny_model_di
     assert not list(used.glob("checkpoint-*")) and [l["step"] for l in metrics(used)] == [1]
 
 
+def test_resume_auto_restarts_a_run_cut_off_before_its_first_checkpoint(tiny_model_dir, tmp_path):
+    """A requeued job always passes --resume auto: what a run killed before its first complete
+    checkpoint left (a half-written checkpoint, a log with a cut-off line) is its own, so it starts over."""
+    from grpo_min.checkpoint import CheckpointError, check_output_dir
+
+    out = tmp_path / "cut"
+    (out / "checkpoint-2.tmp").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "rew')
+    result = run(small_run(tiny_model_dir, out, "--max-steps", "1", "--resume", "auto"))
+    assert "no complete checkpoint" in result.stdout and "holds an earlier run" not in result.stderr
+    assert [l["step"] for l in metrics(out)] == [1] and (out / "final").exists()
+    assert not (out / "checkpoint-2.tmp").exists()
+    # a finished run (final/, summary.json) is never deleted that way
+    with pytest.raises(CheckpointError, match="holds an earlier run"):
+        check_output_dir(out, None, resume_auto=True)
+    assert check_output_dir(out, None, overwrite=True)  # (what --overwrite would delete)
+
+
 def test_pruning_keeps_the_checkpoint_just_written(tmp_path):
     from grpo_min import tiny
     from grpo_min.checkpoint import complete_checkpoints, save_checkpoint
