@@ -354,6 +354,27 @@ def write_results(out: Path, rows: list[dict] | None, metrics: dict):
     print(f"wrote {out / 'metrics.json'}" + (f" and {out / 'predictions.jsonl'}" if rows is not None else ""))
 
 
+def usable_samples(args):
+    """The split's samples whose image can be read; stops with a one-line error when none is left."""
+    from data import DatasetError, check_images, load_dataset
+
+    try:
+        samples = load_dataset(args.dataset, args.split, data_root=args.data_root, image_root=args.image_root,
+                               seed=args.seed, limit=args.limit)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    samples, report = check_images(samples)  # missing / unreadable images are dropped and reported
+    print(f"{args.dataset}/{args.split} images: {report}")
+    if len(samples) == 0:  # nothing to score: a table of zeros would read as a result
+        hint = ""
+        if set(report.counts) == {"image file not found"}:
+            hint = (f"; the image files of all its {report.total} samples are missing: point --image-root at the "
+                    "image folder (default: --data-root)")
+        raise SystemExit(f"error: {args.dataset}/{args.split} has no usable sample "
+                         f"(annotations: {samples.source}){hint}")
+    return samples
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a grounding model: Acc@0.3/0.5/0.7 and mIoU (percent).",
                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -421,13 +442,14 @@ def main(argv=None):
         return 0
 
     # ------------------------------------------------------------------ the model
-    from data import DATASETS, DatasetError, check_images, load_dataset, to_rgb8
+    from data import DATASETS, to_rgb8
     from grpo_min.models import load_model, resolve_dtype, resolve_model_path
 
     if not args.image and args.dataset not in DATASETS:  # fail before loading a large model
         raise SystemExit(f"--dataset {args.dataset!r}: expected one of {', '.join(DATASETS)}")
-    try:  # everything that can be checked before a large model loads
+    try:  # everything that can be checked before a large model loads: the template, the data, the model folder
         template = load_template(args.template)
+        samples = None if args.image else usable_samples(args)
         model_path = resolve_model_path(args.model, args.seed)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
@@ -446,13 +468,6 @@ def main(argv=None):
         print("wrote", draw_prediction(image, box, args.phrase, out / "prediction.png"))
         return 0
 
-    try:
-        samples = load_dataset(args.dataset, args.split, data_root=args.data_root, image_root=args.image_root,
-                               seed=args.seed, limit=args.limit)
-    except DatasetError as e:
-        raise SystemExit(f"error: {e}")
-    samples, report = check_images(samples)  # missing / unreadable images are dropped and reported
-    print(f"{args.dataset}/{args.split} images: {report}")
     samples = [samples[i] for i in range(len(samples) if args.limit is None else min(args.limit, len(samples)))]
     rows = predict(model, processor, samples, template, frame, args.batch_size, args.max_new_tokens, device=device)
     metrics = {"model": args.model, "dataset": args.dataset, "split": args.split, "template": args.template,

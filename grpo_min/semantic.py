@@ -8,7 +8,7 @@ described finding should earn more than one that lands on nothing. Our definitio
     R_semantic = clip(cos(image_tower(crop), text_tower(phrase)), 0, 1)
 
 computed by a frozen dual encoder, for all completions of a step in ONE batched image forward (plus
-one text forward for the phrases not seen before: phrase embeddings are cached).
+one text forward per phrase not seen before: phrase embeddings are cached).
 
 Two parts:
 1. ``SemanticScorer``: wraps any transformers dual encoder saved in a folder (``CLIPModel``,
@@ -126,22 +126,33 @@ class SemanticScorer:
 
     @torch.inference_mode()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """(N, D) unit vectors, one batched forward."""
+        """(N, D) unit vectors, one batched forward.
+
+        The crops are resized to one size, so nothing is padded: a crop's embedding does not depend on
+        the other crops (its last bits only on how many there are, and a step's crops are the same
+        when a run is resumed).
+        """
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
         pixels = pixels.to(self.device, self.model.dtype)
         return self._embedding(self.model.get_image_features(pixel_values=pixels))
 
     @torch.inference_mode()
     def embed_phrases(self, phrases: list[str]) -> torch.Tensor:
-        """(P, D) unit vectors; phrases not seen before go through one batched text forward."""
+        """(P, D) unit vectors; phrases not seen before go through the text tower one at a time.
+
+        One at a time, not in a padded batch: a batch's padding and shape change the float rounding
+        of each row (about 3e-8), so a cached embedding would depend on which phrases it was first
+        embedded with, and a run resumed with an empty cache would drift from an uninterrupted one.
+        Phrases are few and cached, so this costs little.
+        """
         new = sorted(set(phrases) - self._phrase_cache.keys())
         if new and len(self._phrase_cache) + len(new) > 10_000:  # a real dataset's phrases are mostly unique:
             self._phrase_cache.clear()  # start over, and embed every phrase of this batch
             new = sorted(set(phrases))
-        if new:
-            enc = self.processor(text=new, padding=self.padding, truncation=True, return_tensors="pt")
+        for phrase in new:
+            enc = self.processor(text=[phrase], padding=self.padding, truncation=True, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            self._phrase_cache.update(zip(new, self._embedding(self.model.get_text_features(**inputs))))
+            self._phrase_cache[phrase] = self._embedding(self.model.get_text_features(**inputs))[0]  # (D,)
         return torch.stack([self._phrase_cache[p] for p in phrases])
 
     def similarity(self, images: list[Image.Image], phrases: list[str]) -> torch.Tensor:

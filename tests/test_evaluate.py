@@ -170,6 +170,30 @@ def test_command_line_mistakes_are_named_before_any_model_loads(argv, message, t
     assert message in f"{stop.value.code} {capsys.readouterr().err}"
 
 
+def test_a_split_with_no_usable_sample_stops_before_any_model_loads(tmp_path, monkeypatch):
+    """No image found (--image-root forgotten) or an empty split: an error, never a table of zeros."""
+    from tests.fixtures import write_jsonl_fixture, write_ms_cxr_fixture
+
+    monkeypatch.setattr("grpo_min.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("grpo_min.models.resolve_model_path", lambda *a, **k: pytest.fail("resolved a model"))
+    data_root, _ = write_ms_cxr_fixture(tmp_path)  # the images lie in another folder: --image-root is needed
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--dataset", "ms-cxr", "--data-root", str(data_root), "--output-dir", str(tmp_path / "out")])
+    message = str(stop.value.code)
+    assert message.startswith("error: ms-cxr/test has no usable sample") and "\n" not in message
+    assert "MS_CXR_Local_Alignment_v1.1.0.csv" in message and "--image-root" in message
+
+    jsonl = write_jsonl_fixture(tmp_path / "jsonl")
+    (jsonl / "val.jsonl").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--dataset", "jsonl", "--data-root", str(jsonl), "--split", "val",
+                       "--output-dir", str(tmp_path / "out")])
+    message = str(stop.value.code)
+    assert message.startswith("error: jsonl/val has no usable sample") and "val.jsonl" in message
+    assert "--image-root" not in message
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------- tables
 def write_metrics(folder: Path, **numbers) -> Path:
     folder.mkdir(parents=True)

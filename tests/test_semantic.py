@@ -92,6 +92,42 @@ def test_batched_scores_equal_one_by_one(scorer):
     assert ((batched >= 0) & (batched <= 1)).all() and batched.max() > 0
 
 
+LONG_PHRASE = "large left upper zone mass with a small right pleural effusion and a nodule"
+
+
+def test_a_phrase_embedding_does_not_depend_on_the_phrases_embedded_with_it(scorer):
+    """Bitwise: padded next to a longer phrase, a phrase's embedding used to move by ~3e-8."""
+    try:
+        scorer._phrase_cache.clear()
+        alone = scorer.embed_phrases(["nodule"])[0]
+        scorer._phrase_cache.clear()
+        with_a_longer_one = scorer.embed_phrases(["nodule", LONG_PHRASE])[0]
+        assert torch.equal(alone, with_a_longer_one)
+    finally:
+        scorer._phrase_cache.clear()
+
+
+def test_rewards_do_not_depend_on_what_the_phrase_cache_held(scorer):
+    """A resumed run starts with an empty cache: its rewards must equal, bitwise, those of a run whose
+    cache was filled by earlier steps (README: resume reproduces an uninterrupted run exactly)."""
+    from data import synthetic_sample
+
+    rng = np.random.default_rng(2)
+    completions, targets = [], []
+    for i in range(6):
+        target = target_of(synthetic_sample(i, "val"))
+        for _ in range(3):
+            x, y = rng.uniform(0, 80, 2)
+            completions.append(answer((x, y, x + rng.uniform(8, 30), y + rng.uniform(8, 30))))
+            targets.append(target)
+    eligible = [True] * len(completions)
+    warm = SemanticScorer(scorer.model, scorer.processor)  # same weights, a cache of its own
+    for t in targets:  # earlier steps: each phrase first embedded next to another one
+        warm.embed_phrases([t.phrase, LONG_PHRASE])
+    fresh = SemanticScorer(scorer.model, scorer.processor)
+    assert torch.equal(fresh.score(completions, targets, eligible)[0], warm.score(completions, targets, eligible)[0])
+
+
 def test_a_full_phrase_cache_starts_over_without_losing_the_batch(scorer):
     """Past 10,000 cached phrases the cache is emptied; a batch mixing a cached and a new phrase must
     still get both (the reset used to drop the cached one mid-batch: KeyError, semantic reward 0)."""
