@@ -18,7 +18,7 @@ commands: docs/DATASETS_USAGE.md): ``ms-cxr``, ``medrpg``,
 ``chestx-ray8``, ``m3d-refseg`` and the generic ``jsonl``. Their records hold an image *path*; a
 malformed row is skipped and counted (``.skipped``), a missing root or file stops with a
 DatasetError that says what was expected, where, and where to get it, and ``check_images`` finds
-missing or unreadable images before training starts.
+missing or unreadable images (and those the model's processor would refuse) before training starts.
 
     >>> ds = load_dataset("ms-cxr", "train", data_root="ms-cxr/1.1.0",
     ...                   image_root="mimic-cxr-jpg/2.1.0")  # doctest: +SKIP
@@ -336,6 +336,7 @@ def phrase_only_baseline(train: Sequence[Sample], test: Sequence[Sample]) -> lis
 SPLITS = ("train", "val", "test")
 SEEDED_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test where a dataset has no official split
 BOX_TOLERANCE = 1.0  # pixels a box may overshoot the image (rounding in the annotations); it is clipped
+TINY_BOX = "box smaller than 1 pixel: boxes are expected in original pixels"  # e.g. a box normalised to [0, 1]
 MULTI_BOX = ("union", "separate", "drop")  # what to do with a phrase that has several boxes
 
 WHERE_TO_GET = {
@@ -449,8 +450,42 @@ class _Row:
                       width=self.width, height=self.height, category=self.category)
 
 
+@dataclass
+class _Skipped:
+    """A row skipped while reading a file, kept until the loader knows which split reports it."""
+
+    split: str | None  # the split the row names, None when it names none (or not readably)
+    reason: str
+    where: str
+    detail: str = ""
+
+
+def _own_split(record) -> str | None:
+    """The split a skipped row names in its 'split' field, when that can be read; else None."""
+    try:
+        return _split_value(record.get("split")) if isinstance(record, dict) else None
+    except _BadRow:
+        return None
+
+
+def _phrase(value, name: str) -> str:
+    """A referring phrase: a non-empty string, stripped; else a _BadRow naming the field.
+
+    >>> _phrase(None, "text")
+    Traceback (most recent call last):
+    data._BadRow: malformed entry
+    """
+    if not isinstance(value, str):  # JSON null or a list would otherwise become the phrase 'None' / "['a']"
+        raise _BadRow("malformed entry", f"{name}={value!r}, expected a string")
+    if not value.strip():
+        raise _BadRow("empty phrase", name)
+    return value.strip()
+
+
 def _number(value, name: str) -> float:
     """A finite float from a CSV / JSON field, or a _BadRow."""
+    if isinstance(value, bool):  # JSON true / false: a bool is an int in Python, but never a coordinate
+        raise _BadRow("unparseable number", f"{name}={value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -462,6 +497,9 @@ def _number(value, name: str) -> float:
 
 def _checked_box(x: float, y: float, w: float, h: float, width: float, height: float) -> Box:
     """(x1, y1, x2, y2) from a top-left corner and a size, checked against the image, then clipped to it.
+
+    A box under 1 pixel wide or high once clipped is a _BadRow (TINY_BOX): almost always a box
+    normalised to [0, 1] where original pixels were expected.
 
     >>> _checked_box(10, 20, 30, 40, width=100, height=100)
     (10.0, 20.0, 40.0, 60.0)
@@ -477,7 +515,10 @@ def _checked_box(x: float, y: float, w: float, h: float, width: float, height: f
     if x1 < -BOX_TOLERANCE or y1 < -BOX_TOLERANCE or x2 > width + BOX_TOLERANCE or y2 > height + BOX_TOLERANCE \
             or x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
         raise _BadRow("box outside the image", f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}] in {width:g} x {height:g}")
-    return (max(0.0, float(x1)), max(0.0, float(y1)), min(float(width), float(x2)), min(float(height), float(y2)))
+    box = (max(0.0, float(x1)), max(0.0, float(y1)), min(float(width), float(x2)), min(float(height), float(y2)))
+    if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+        raise _BadRow(TINY_BOX, f"[{x1:g}, {y1:g}, {x2:g}, {y2:g}] in {width:g} x {height:g}")
+    return box
 
 
 def _split_value(value) -> str | None:
@@ -524,10 +565,20 @@ def seeded_split(keys, seed: int, fractions: tuple[float, float, float] = SEEDED
     return {keys[i]: names[k] for k, i in enumerate(order)}
 
 
-def _rows_in_split(rows: list[_Row], split: str, seed: int, skipped: SkipReport) -> list[_Row]:
+def _rows_in_split(rows: list[_Row], split: str, seed: int, skipped: SkipReport,
+                   bad: Sequence[_Skipped] = ()) -> list[_Row]:
     """The rows of one split: the file's own split when it has one, else a seeded split of the rows'
     groups (``seeded_split``). No image lands in two splits: a row whose split differs from the one its
-    image already has is skipped."""
+    image already has is skipped.
+
+    ``skipped`` gets only what *this* split lost, so that over the three splits each bad row of the
+    file is counted once: the rows skipped while reading (``bad``) that name this split, and the rows
+    whose split cannot be known (no readable split field; a seeded split assigns usable rows only)
+    under 'train' alone.
+    """
+    for b in bad:
+        if (b.split or "train") == split:
+            skipped.add(b.reason, b.where, b.detail)
     if not any(r.split for r in rows):
         split_of = seeded_split([r.group for r in rows], seed)
         return [r for r in rows if split_of[r.group] == split]
@@ -535,11 +586,13 @@ def _rows_in_split(rows: list[_Row], split: str, seed: int, skipped: SkipReport)
     out = []
     for r in rows:
         if r.split is None:
-            skipped.add("no split value", r.where)
+            if split == "train":  # its split cannot be known: reported once, under train
+                skipped.add("no split value", r.where)
             continue
         first = split_of_image.setdefault(r.image, r.split)
         if r.split != first:
-            skipped.add("image already in another split", r.where, f"{r.image.name} is in {first}")
+            if r.split == split:  # reported by the split the row names
+                skipped.add("image already in another split", r.where, f"{r.image.name} is in {first}")
         elif r.split == split:
             out.append(r)
     return out
@@ -597,16 +650,15 @@ def load_ms_cxr(split: str, data_root, image_root=None, *, split_seed: int = 0,
     if file is None:
         raise _not_found("ms-cxr", " or ".join(MS_CXR_FILES), [root])
     roots = [Path(image_root).expanduser() if image_root else file.parent]
-    skipped = SkipReport()
-    rows = (_ms_cxr_json_rows if file.suffix == ".json" else _ms_cxr_csv_rows)(file, roots, skipped)
-    rows = _rows_in_split(rows, split, split_seed, skipped)
+    skipped, bad = SkipReport(), []
+    rows = (_ms_cxr_json_rows if file.suffix == ".json" else _ms_cxr_csv_rows)(file, roots, bad)
+    rows = _rows_in_split(rows, split, split_seed, skipped, bad)
     return SampleList(_pair_samples(rows, multi_box, skipped), skipped, str(file))
 
 
 def _ms_cxr_row(where: str, path: str, text: str, category: str | None, xywh, size, split, roots,
                 resolved: dict[str, Path]) -> _Row:
-    if not text or not text.strip():
-        raise _BadRow("empty phrase")
+    text = _phrase(text, "label_text")
     width, height = (_number(v, n) for v, n in zip(size, ("image_width", "image_height")))
     x, y, w, h = (_number(v, n) for v, n in zip(xywh, "xywh"))
     box = _checked_box(x, y, w, h, width, height)
@@ -614,12 +666,12 @@ def _ms_cxr_row(where: str, path: str, text: str, category: str | None, xywh, si
         resolved[path] = _resolve_image(path, roots)
     dicom_id = PurePosixPath(path).stem
     patient = re.search(r"(?:^|/)(p\d+)/s\d+/", path)
-    return _Row(image=resolved[path], text=text.strip(), box=box, width=round(width), height=round(height),
-                category=category or None, id=f"{dicom_id}-{_short_hash(text.strip())}", split=_split_value(split),
+    return _Row(image=resolved[path], text=text, box=box, width=round(width), height=round(height),
+                category=category or None, id=f"{dicom_id}-{_short_hash(text)}", split=_split_value(split),
                 group=patient.group(1) if patient else dicom_id, where=where)
 
 
-def _ms_cxr_csv_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list[_Row]:
+def _ms_cxr_csv_rows(file: Path, roots: list[Path], bad: list[_Skipped]) -> list[_Row]:
     rows, resolved = [], {}
     with open(file, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
@@ -636,11 +688,11 @@ def _ms_cxr_csv_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list
                                         [raw[c] for c in "xywh"], (raw["image_width"], raw["image_height"]),
                                         raw.get("split"), roots, resolved))
             except _BadRow as e:
-                skipped.add(e.reason, where, e.detail)
+                bad.append(_Skipped(_own_split(raw), e.reason, where, e.detail))
     return rows
 
 
-def _ms_cxr_json_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list[_Row]:
+def _ms_cxr_json_rows(file: Path, roots: list[Path], bad: list[_Skipped]) -> list[_Row]:
     """COCO-style: several image ids may name one file, so rows are keyed on the image's ``path``."""
     data = _read_json(file, "ms-cxr")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
@@ -652,6 +704,7 @@ def _ms_cxr_json_rows(file: Path, roots: list[Path], skipped: SkipReport) -> lis
     rows, resolved = [], {}
     for k, ann in enumerate(data["annotations"]):
         where = f"{file.name} annotations[{k}]"
+        image = None
         try:
             if not isinstance(ann, dict):
                 raise _BadRow("malformed entry", f"a {type(ann).__name__}, expected an object")
@@ -669,7 +722,7 @@ def _ms_cxr_json_rows(file: Path, roots: list[Path], skipped: SkipReport) -> lis
                                     bbox, (image.get("width"), image.get("height")),
                                     ann.get("split", image.get("split")), roots, resolved))
         except _BadRow as e:
-            skipped.add(e.reason, where, e.detail)
+            bad.append(_Skipped(_own_split(ann) or _own_split(image), e.reason, where, e.detail))
     return rows
 
 
@@ -732,13 +785,12 @@ def load_medrpg(split: str, data_root, image_root=None) -> SampleList:
 def _medrpg_row(where: str, id: str, img_file, x1y1x2y2, text, category, roots, resolved) -> _Row:
     if not isinstance(img_file, str) or not img_file:
         raise _BadRow("missing columns", "image path")
-    if not isinstance(text, str) or not text.strip():
-        raise _BadRow("empty phrase")
+    text = _phrase(text, "phrase")
     x1, y1, x2, y2 = (_number(v, "box") for v in x1y1x2y2)
     box = _checked_box(x1, y1, x2 - x1, y2 - y1, MEDRPG_SIZE, MEDRPG_SIZE)
     if img_file not in resolved:
         resolved[img_file] = _resolve_image(img_file, roots)
-    return _Row(image=resolved[img_file], text=text.strip(), box=box, width=MEDRPG_SIZE, height=MEDRPG_SIZE,
+    return _Row(image=resolved[img_file], text=text, box=box, width=MEDRPG_SIZE, height=MEDRPG_SIZE,
                 category=category, id=id, split=None, group=img_file, where=where)
 
 
@@ -788,7 +840,7 @@ def _medrpg_json_rows(file: Path, roots: list[Path], skipped: SkipReport) -> lis
             if not isinstance(box, list) or len(box) != 4:
                 raise _BadRow("missing columns", "solution is not [x1, y1, x2, y2]")
             rows.append(_medrpg_row(where, f"{file.stem}-{k}", entry["image"], box,
-                                    phrase_from_question(str(entry["problem"])), None, roots, resolved))
+                                    phrase_from_question(_phrase(entry["problem"], "problem")), None, roots, resolved))
         except _BadRow as e:
             skipped.add(e.reason, where, e.detail)
     return rows
@@ -821,7 +873,7 @@ def load_chestxray8(split: str, data_root, image_root=None, *, split_seed: int =
     if not file.is_file():
         raise _not_found("chestx-ray8", CHESTXRAY8_FILE, [root])
     image_root = Path(image_root).expanduser() if image_root else file.parent
-    skipped, parsed = SkipReport(), []
+    skipped, parsed, bad = SkipReport(), [], []
     with open(file, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         for fields in reader:
@@ -836,13 +888,13 @@ def load_chestxray8(split: str, data_root, image_root=None, *, split_seed: int =
                 box = _checked_box(x, y, w, h, CHESTXRAY8_SIZE, CHESTXRAY8_SIZE)
                 parsed.append((where, name, label, box))
             except _BadRow as e:
-                skipped.add(e.reason, where, e.detail)
+                bad.append(_Skipped(None, e.reason, where, e.detail))  # no split of its own: see _rows_in_split
     found = _find_files(image_root, {name for _, name, _, _ in parsed})
     rows = [_Row(image=found.get(name, image_root / "images" / name), text=CHESTXRAY8_PHRASES.get(label, label.lower()),
                  box=box, width=CHESTXRAY8_SIZE, height=CHESTXRAY8_SIZE, category=label,
                  id=f"{Path(name).stem}-{label.lower()}", split=None, group=name, where=where)
             for where, name, label, box in parsed]
-    rows = _rows_in_split(rows, split, split_seed, skipped)
+    rows = _rows_in_split(rows, split, split_seed, skipped, bad)
     return SampleList(_pair_samples(rows, multi_box, skipped), skipped, str(file))
 
 
@@ -881,19 +933,26 @@ def load_m3d_refseg(split: str, data_root, image_root=None, *, split_seed: int =
       ``M3D_RefSeg_train.csv``; train = the rest. Without those two files, ``M3D_RefSeg_all.csv`` is
       split 70/10/20 by case. A case never lands in two splits, so neither do the paraphrases.
     - Cache: slices are written once as PNGs (the records point to them) with a ``regions.json`` per
-      case, under ``cache_dir`` (default ``$XDG_CACHE_HOME/grpo_min/m3d`` or ``~/.cache/grpo_min/m3d``)
+      case, under ``cache_dir`` (default ``$GRPO_MIN_CACHE/m3d``, the model cache's folder, when that is
+      set, else ``$XDG_CACHE_HOME/grpo_min/m3d`` or ``~/.cache/grpo_min/m3d``)
       in a folder named after a hash of ``data_root``. A later run reads the cache and decodes no volume,
       unless a volume's size or modification time changed.
     """
     root = _root("m3d-refseg", data_root, f"{M3D_CSVS['train']} and {M3D_CSVS['test']}")
     skipped = SkipReport()
+    # Each bad CSV row is reported by one split only, not by all three: a row of the test CSV by 'test',
+    # any other by 'train' (a row that cannot be read has no case to split by). The other splits' go to
+    # ``elsewhere``, which is not reported.
+    elsewhere = SkipReport()
     train_csv, test_csv, all_csv = (root / M3D_CSVS[k] for k in ("train", "test", "all"))
     if train_csv.is_file() and test_csv.is_file():
-        test = _m3d_regions(test_csv, skipped)
-        train = _m3d_regions(train_csv, skipped)
+        test = _m3d_regions(test_csv, skipped if split == "test" else elsewhere)
+        train = _m3d_regions(train_csv, skipped if split == "train" else elsewhere)
         test_cases = {case for case, _ in test}
         for key in [k for k in train if k[0] in test_cases]:
-            skipped.add("case also in the test CSV", train.pop(key).where, key[0])
+            region = train.pop(key)
+            if split == "train":
+                skipped.add("case also in the test CSV", region.where, key[0])
         if split == "test":
             regions, source = test, test_csv
         else:
@@ -901,14 +960,17 @@ def load_m3d_refseg(split: str, data_root, image_root=None, *, split_seed: int =
             val_of = seeded_split({case for case, _ in train}, split_seed, val_fractions)
             regions, source = {k: v for k, v in train.items() if val_of[k[0]] == split}, train_csv
     elif all_csv.is_file():
-        every = _m3d_regions(all_csv, skipped)
+        every = _m3d_regions(all_csv, skipped if split == "train" else elsewhere)
         split_of = seeded_split({case for case, _ in every}, split_seed)
         regions, source = {k: v for k, v in every.items() if split_of[k[0]] == split}, all_csv
     else:
         raise _not_found("m3d-refseg", f"{M3D_CSVS['train']} and {M3D_CSVS['test']} (or {M3D_CSVS['all']})", [root])
 
     base = Path(image_root).expanduser() if image_root else root
-    cache_base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grpo_min" / "m3d"
+    if os.environ.get("GRPO_MIN_CACHE"):  # the same variable as the model cache (grpo_min/tiny.py)
+        cache_base = Path(os.environ["GRPO_MIN_CACHE"]) / "m3d"
+    else:
+        cache_base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grpo_min" / "m3d"
     cache = Path(cache_dir or cache_base) / _short_hash(str(root.resolve()))  # one folder per data root
     samples = []
     for case in sorted({case for case, _ in regions}):
@@ -1113,35 +1175,39 @@ def load_jsonl(split: str, data_root, image_root=None, *, split_seed: int = 0) -
         raise _not_found("jsonl", f"{split}.jsonl (one file per split), or pass one .jsonl file whose lines have "
                                   f"a 'split' field as --data-root", [root])
     base = Path(image_root).expanduser() if image_root else file.parent
-    skipped, rows = SkipReport(), []
+    skipped, rows, bad = SkipReport(), [], []
     with open(file, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{file.name} line {n}"
             try:
-                rows.append(_jsonl_row(line, where, base, f"{file.stem}-{n}"))
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(_Skipped(None, "not valid JSON", where, str(e)))
+                continue
+            try:
+                rows.append(_jsonl_row(rec, where, base, f"{file.stem}-{n}"))
             except _BadRow as e:
-                skipped.add(e.reason, where, e.detail)
-    if root.is_file():
-        rows = _rows_in_split(rows, split, split_seed, skipped)
+                bad.append(_Skipped(_own_split(rec), e.reason, where, e.detail))
+    if root.is_file():  # one file for every split: each bad row is reported by one split (see _rows_in_split)
+        rows = _rows_in_split(rows, split, split_seed, skipped, bad)
+    else:  # the file is the split: all its bad rows are this split's
+        for b in bad:
+            skipped.add(b.reason, b.where, b.detail)
     return SampleList([r.sample() for r in rows], skipped, str(file))
 
 
-def _jsonl_row(line: str, where: str, base: Path, default_id: str) -> _Row:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _BadRow("not valid JSON", str(e)) from None
+def _jsonl_row(rec, where: str, base: Path, default_id: str) -> _Row:
     if not isinstance(rec, dict) or any(k not in rec for k in ("image", "text", "box")):
         raise _BadRow("missing columns", "needs image, text, box")
-    text = str(rec["text"]).strip()
-    if not text:
-        raise _BadRow("empty phrase")
+    text = _phrase(rec["text"], "text")
+    if not isinstance(rec["image"], str) or not rec["image"].strip():
+        raise _BadRow("malformed entry", f"image={rec['image']!r}, expected a path")
     if not isinstance(rec["box"], list) or len(rec["box"]) != 4:
         raise _BadRow("missing columns", "box is not [x1, y1, x2, y2]")
     x1, y1, x2, y2 = (_number(v, "box") for v in rec["box"])
-    image = Path(str(rec["image"])).expanduser()
+    image = Path(rec["image"]).expanduser()
     image = image if image.is_absolute() else base / image
     if rec.get("width") is None or rec.get("height") is None:
         try:
@@ -1161,6 +1227,12 @@ def _jsonl_row(line: str, where: str, base: Path, default_id: str) -> _Row:
 # ----------------------------------------------------------------------------------------------
 # Before training: every image file opens
 # ----------------------------------------------------------------------------------------------
+# The Qwen2-VL / Qwen2.5-VL processor's smart_resize raises "absolute aspect ratio must be smaller
+# than 200" for a longer side over 200 times the shorter one. (transformers 4.x before 4.51 also
+# refused sides under 28 pixels; transformers 5, which this project needs, upscales them instead.)
+MAX_ASPECT_RATIO = 200
+
+
 def _probe_image(path: Path, decode: bool) -> tuple[int, int]:
     """The (width, height) of an image file, or a _BadRow saying why it cannot be used."""
     if not path.is_file():
@@ -1180,7 +1252,8 @@ def check_images(samples: Sequence[Sample], decode: bool = True) -> tuple[Sequen
     """Find missing or unreadable images before training, so that a run never dies on one midway.
 
     Each distinct file is opened once (and, with ``decode``, decoded: JPEGs at 1/8 scale, which still
-    reads the whole file). Samples whose image is missing or unreadable are dropped, counted by reason.
+    reads the whole file). Samples whose image is missing or unreadable, or whose aspect ratio the
+    processor refuses (over MAX_ASPECT_RATIO), are dropped, counted by reason.
     A file whose size differs from the record's (a downsized MIMIC copy; MedRPG's 640 x 640 boxes with
     the original JPG) gets its box rescaled per axis to the size on disk, and counted in ``rescaled``.
     Synthetic data (drawn in memory) is returned as it is.
@@ -1195,6 +1268,7 @@ def check_images(samples: Sequence[Sample], decode: bool = True) -> tuple[Sequen
     probed: dict[str, tuple[int, int] | _BadRow] = {}
     good = []
     for s in samples:
+        width, height = s.width, s.height
         if isinstance(s.image, (str, Path)):
             key = str(s.image)
             if key not in probed:
@@ -1206,11 +1280,16 @@ def check_images(samples: Sequence[Sample], decode: bool = True) -> tuple[Sequen
             if isinstance(found, _BadRow):
                 report.add(found.reason, f"sample {s.id}", found.detail)
                 continue
-            if found != (s.width, s.height):
-                sx, sy = found[0] / s.width, found[1] / s.height
-                x1, y1, x2, y2 = s.box
-                s = replace(s, box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy), width=found[0], height=found[1])
-                report.rescaled += 1
+            width, height = found
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):  # would stop training midway
+            report.add(f"image aspect ratio over {MAX_ASPECT_RATIO} (the Qwen2-VL processor's limit)",
+                       f"sample {s.id}", f"{s.image}: {width} x {height}")
+            continue
+        if (width, height) != (s.width, s.height):
+            sx, sy = width / s.width, height / s.height
+            x1, y1, x2, y2 = s.box
+            s = replace(s, box=(x1 * sx, y1 * sy, x2 * sx, y2 * sy), width=width, height=height)
+            report.rescaled += 1
         good.append(s)
     return SampleList(good, getattr(samples, "skipped", None), getattr(samples, "source", "")), report
 
@@ -1254,9 +1333,11 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | None = Non
     if ds.skipped.total and os.environ.get("RANK", "0") == "0":
         print(f"{name}/{split}: {ds.skipped.summary()} (python data.py --dataset {name} ... lists examples)",
               file=sys.stderr)
-    if len(ds) and all(max(s.box) <= 1.0 for s in ds) and os.environ.get("RANK", "0") == "0":
-        print(f"WARNING: {name}/{split}: every box lies within [0, 1]; boxes must be in pixels of the original "
-              "image (x1, y1, x2, y2), not normalised: multiply them by the image's width and height", file=sys.stderr)
+    tiny = ds.skipped.counts[TINY_BOX]  # normalised boxes end up here (see _checked_box)
+    if tiny > len(ds) and os.environ.get("RANK", "0") == "0":
+        print(f"WARNING: {name}/{split}: most boxes ({tiny} skipped, {len(ds)} kept) are smaller than 1 pixel; "
+              "boxes must be in pixels of the original image (x1, y1, x2, y2), not normalised to [0, 1]: "
+              "multiply them by the image's width and height", file=sys.stderr)
     return SampleList(ds[:limit], ds.skipped, ds.source) if limit is not None else ds
 
 

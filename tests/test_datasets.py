@@ -275,6 +275,18 @@ def test_m3d_npy_variant_and_missing_nibabel(tmp_path, monkeypatch):
         load_dataset("m3d-refseg", "test", data_root=nifti_root, cache_dir=tmp_path / "cache")
 
 
+def test_m3d_cache_follows_grpo_min_cache(tmp_path, monkeypatch):
+    """Slices go where the models go ($GRPO_MIN_CACHE/m3d); without it, to $XDG_CACHE_HOME/grpo_min/m3d."""
+    root = write_m3d_fixture(tmp_path / "m3d", fmt="npy")
+    monkeypatch.setenv("GRPO_MIN_CACHE", str(tmp_path / "models"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    test = load_dataset("m3d-refseg", "test", data_root=root)
+    assert len(test) == 2 and all(Path(s.image).is_relative_to(tmp_path / "models" / "m3d") for s in test)
+    monkeypatch.delenv("GRPO_MIN_CACHE")
+    test = load_dataset("m3d-refseg", "test", data_root=root)
+    assert len(test) == 2 and all(Path(s.image).is_relative_to(tmp_path / "xdg" / "grpo_min" / "m3d") for s in test)
+
+
 # ---------------------------------------------------------------------------------------------- JSONL
 def test_jsonl_both_layouts_and_image_modes(tmp_path):
     root = write_jsonl_fixture(tmp_path)
@@ -291,17 +303,46 @@ def test_jsonl_both_layouts_and_image_modes(tmp_path):
         assert img.mode == "RGB" and img.size == (64, 48) and np.asarray(img).max() > 100
 
 
-def test_jsonl_normalised_boxes_get_a_warning(tmp_path, capsys):
+def test_jsonl_normalised_boxes_are_skipped_with_a_warning(tmp_path, capsys):
     root = write_jsonl_fixture(tmp_path)
     lines = [json.loads(x) for x in (root / "all.jsonl").read_text().splitlines()]
     for r in lines:
         if "width" in r and len(r.get("box", [])) == 4:
             r["box"] = [r["box"][0] / r["width"], r["box"][1] / r["height"], r["box"][2] / r["width"], r["box"][3] / r["height"]]
     (root / "norm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines if "width" in r))
-    load_dataset("jsonl", "train", data_root=root / "norm.jsonl")
-    assert "every box lies within [0, 1]" in capsys.readouterr().err
+    train = load_dataset("jsonl", "train", data_root=root / "norm.jsonl")
+    assert len(train) == 0 and train.skipped.counts == {data.TINY_BOX: 4}  # e.g. [0.08, 0.13, 0.47, 0.83] in 64 x 48
+    assert "norm.jsonl line 1" in train.skipped.examples[0]
+    assert "not normalised to [0, 1]: multiply them by the image's width and height" in capsys.readouterr().err
     load_dataset("jsonl", "train", data_root=root / "all.jsonl")
-    assert "every box lies within" not in capsys.readouterr().err
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_jsonl_and_medrpg_json_malformed_phrases_and_boxes_are_skipped(tmp_path):
+    """null or a list as the phrase, true / false as a number, a box under 1 pixel: skipped and counted."""
+    write_jsonl_fixture(tmp_path)
+    good = {"image": str(tmp_path / "img" / "0.png"), "text": "made-up phrase", "box": [5, 6, 30, 40],
+            "width": 64, "height": 48}
+    bad = [good | {"text": None}, good | {"text": ["list", "text"]}, good | {"text": " "}, good | {"image": None},
+           good | {"box": [True, 6, 30, 40]}, good | {"width": True}, good | {"box": [0.1, 0.1, 0.5, 0.6]}]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [good] + bad))
+    train = load_dataset("jsonl", "train", data_root=tmp_path / "bad")
+    assert [(s.text, s.box) for s in train] == [("made-up phrase", (5.0, 6.0, 30.0, 40.0))]
+    assert train.skipped.counts == {"malformed entry": 3, "empty phrase": 1, "unparseable number": 2, data.TINY_BOX: 1}
+    assert "train.jsonl line 2: malformed entry (text=None, expected a string)" in train.skipped.examples
+
+    root = write_medrpg_fixture(tmp_path / "medrpg", fmt="json")
+    file = root / "data" / "MS_CXR" / "train.json"
+    entries = json.loads(file.read_text())
+    n = len(entries)
+    entries += [entries[0] | {"problem": None}, entries[0] | {"problem": ["a", "list"]},
+                entries[0] | {"solution": [True, 100, 300, 300]}]
+    file.write_text(json.dumps(entries))
+    train = load_dataset("medrpg", "train", data_root=root)
+    assert len(train) == 4 and "None" not in {s.text for s in train}
+    assert train.skipped.counts == {"box outside the image": 1, "malformed entry": 2, "unparseable number": 1}
+    assert f"train.json[{n}]: malformed entry (problem=None, expected a string)" in train.skipped.examples
 
 
 def test_jsonl_without_split_field_gets_a_seeded_split(tmp_path):
@@ -311,6 +352,49 @@ def test_jsonl_without_split_field_gets_a_seeded_split(tmp_path):
                                                 for r in lines))
     ds = _splits("jsonl", data_root=root / "nosplit.jsonl")
     assert sum(len(d) for d in ds.values()) == 8 and all(len(d) for d in ds.values())
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def _skip_counts(name, **kw) -> dict:
+    return {split: dict(d.skipped.counts) for split, d in _splits(name, **kw).items()}
+
+
+def test_skipped_rows_are_reported_by_their_own_split_only(tmp_path):
+    """A file holding every split: each bad row is counted by one split (its own; 'train' when its split
+    cannot be known), so the splits' reports add up to the bad rows, never three times them."""
+    for fmt in ("csv", "json"):  # the MS-CXR quirks' two malformed rows are train rows
+        data_root, image_root = write_ms_cxr_fixture(tmp_path / fmt, fmt=fmt, quirks=True)
+        assert _skip_counts("ms-cxr", data_root=data_root, image_root=image_root) == {
+            "train": {"unparseable number": 1, "box outside the image": 1}, "val": {}, "test": {}}
+
+    data_root, image_root = write_ms_cxr_fixture(tmp_path / "split-values")
+    file = data_root / "MS_CXR_Local_Alignment_v1.1.0.csv"
+    rows = file.read_text().splitlines()
+    val_row = next(r for r in rows if r.endswith(",val"))
+    rows += [val_row.replace(",val", ","), val_row.replace(",val", ",test")]  # no split; the image is in val
+    file.write_text("\n".join(rows) + "\n")
+    assert _skip_counts("ms-cxr", data_root=data_root, image_root=image_root) == {
+        "train": {"no split value": 1}, "val": {}, "test": {"image already in another split": 1}}
+
+    # ChestX-ray8's seeded split assigns usable rows only: its malformed row is train's
+    assert _skip_counts("chestx-ray8", data_root=write_chestxray8_fixture(tmp_path / "cx8"), split_seed=1) == {
+        "train": {"unparseable number": 1}, "val": {}, "test": {}}
+
+    root = write_jsonl_fixture(tmp_path / "jsonl")
+    with open(root / "all.jsonl", "a") as f:
+        f.write(json.dumps({"image": "img/5.png", "text": None, "box": [1, 2, 3, 4], "split": "val"}) + "\n")
+        f.write("{not json\n")
+    assert _skip_counts("jsonl", data_root=root / "all.jsonl") == {
+        "train": {"missing columns": 1, "not valid JSON": 1}, "val": {"malformed entry": 1}, "test": {}}
+
+    root = write_m3d_fixture(tmp_path / "m3d", fmt="npy")
+    with open(root / "M3D_RefSeg_test.csv", "a") as f:
+        f.write("s0006/ct.nii.gz,s0006/mask.nii.gz,x,0,made-up question?,[SEG].\n")
+    with open(root / "M3D_RefSeg_train.csv", "a") as f:
+        f.write("s0001/ct.nii.gz,s0001/mask.nii.gz,0,0,made-up question?,[SEG].\n")
+        f.write("s0006/ct.nii.gz,s0006/mask.nii.gz,1,0,made-up question?,[SEG].\n")  # a test case
+    assert _skip_counts("m3d-refseg", data_root=root, cache_dir=tmp_path / "cache") == {
+        "train": {"unparseable number": 1, "case also in the test CSV": 1}, "val": {}, "test": {"unparseable number": 1}}
 
 
 # ---------------------------------------------------------------------------------------------- CLI, images
@@ -331,7 +415,7 @@ def test_cli_summary_export_and_show(tmp_path, capsys):
 
 def test_cli_m3d_export_writes_its_slices(tmp_path, capsys, monkeypatch):
     root = write_m3d_fixture(tmp_path / "m3d", fmt="npy")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("GRPO_MIN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "export" / "test.jsonl"
     data.main(["--dataset", "m3d-refseg", "--data-root", str(root), "--split", "test", "--export", str(out)])
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -352,6 +436,25 @@ def test_check_images_unreadable_and_resized(tmp_path):
     assert good[0].box == (5.0, 5.0, 25.0, 30.0) and (good[0].width, good[0].height) == (50, 100)
     synthetic = load_dataset("synthetic", "val", limit=3)
     assert check_images(synthetic)[0] is synthetic
+
+
+def test_check_images_drops_aspect_ratios_the_processor_refuses(tmp_path):
+    """A 2000 x 8 image loads, but Qwen2-VL's smart_resize would raise on it mid-training: dropped before."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    with pytest.raises(ValueError, match="aspect ratio must be smaller than 200"):
+        smart_resize(8, 2000)
+    smart_resize(8, 1600)  # exactly 200 passes
+    Image.new("L", (2000, 8), 100).save(tmp_path / "strip.png")
+    Image.new("L", (1600, 8), 100).save(tmp_path / "edge.png")
+    lines = [{"image": "strip.png", "text": "made-up strip", "box": [10, 1, 100, 7]},
+             {"image": "edge.png", "text": "made-up edge", "box": [10, 1, 100, 7]}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train = load_dataset("jsonl", "train", data_root=tmp_path)
+    good, report = check_images(train)
+    assert len(train) == 2 and [s.text for s in good] == ["made-up edge"]
+    assert report.counts == {"image aspect ratio over 200 (the Qwen2-VL processor's limit)": 1}
+    assert "sample train-1" in report.examples[0] and "strip.png: 2000 x 8" in report.examples[0]
 
 
 def test_synthetic_unchanged():
