@@ -37,7 +37,7 @@ def main():
 
     train.R.score_completions = timed
     train.main(["--max-steps", str(args.steps), "--eval-steps", "0", "--output-dir", args.output_dir,
-                *args.train_args])
+                "--overwrite", *args.train_args])  # a scratch folder: each measurement replaces the last
     steps = [json.loads(l)["step_time_s"] for l in open(Path(args.output_dir) / "metrics.jsonl")][1:]
     scoring, step = statistics.mean(spent[1:]), statistics.mean(steps)
     print(f"rewards: {scoring:.4f} s per step of {step:.4f} s; without them a step would take {step - scoring:.4f} s, "

@@ -102,6 +102,25 @@ def test_random_model_never_emits_image_tokens_and_mask_stops_at_eos(random_tiny
     assert out.completion_ids.shape[0] == 12
     assert not torch.isin(out.completion_ids, torch.tensor(ids["never"])).any()
     assert prompts.resized_sizes == [(112, 112)] * 3  # 224 px synthetic images -> the tiny model's frame
+    # the mask covers each completion up to and including its first EOS; after it, only padding
+    for ids_row, mask_row in zip(out.completion_ids.tolist(), out.completion_mask.tolist()):
+        ends = [t for t, token in enumerate(ids_row) if token in ids["eos"]]
+        n = ends[0] + 1 if ends else len(ids_row)
+        assert mask_row == [1.0] * n + [0.0] * (len(ids_row) - n)
+        assert set(ids_row[n:]) <= {ids["pad"]}
+
+
+def test_completions_are_masked_and_padded_after_their_first_eos(random_tiny, monkeypatch):
+    model, processor = random_tiny
+    _, prompts = _prompts(processor, n=1)
+    ids = special_token_ids(processor)
+    eos, pad = ids["eos"][0], ids["pad"]
+    sampled = torch.tensor([[5, 6, eos, 7, 8], [5, eos, eos, 9, 9], [5, 6, 7, 8, 9]])  # what generate() returns
+    prompt_ids = prompts.inputs["input_ids"].repeat(3, 1)
+    monkeypatch.setattr(model, "generate", lambda **kw: torch.cat([prompt_ids, sampled], dim=1))
+    out = generate_completions(model, processor, prompts, num_generations=3, max_new_tokens=5)
+    assert out.completion_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert out.completion_ids.tolist() == [[5, 6, eos, pad, pad], [5, eos, pad, pad, pad], [5, 6, 7, 8, 9]]
 
 
 def test_completion_mask_covers_up_to_first_eos():
@@ -280,9 +299,11 @@ REQUIRED_KEYS = {"step", "reward", "reward/format", "reward/spatial", "reward_st
 
 def test_two_step_training_run(tiny_model_dir, tmp_path):
     out_dir = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--model", str(tiny_model_dir), "--max-steps", "2", "--batch-size", "2",
-           "--num-generations", "4", "--max-completion-length", "24", "--eval-steps", "2", "--eval-limit", "4",
-           "--beta", "0.04", "--num-iterations", "2", "--learning-rate", "1e-4", "--output-dir", str(out_dir)]
+    # tests/train_with_test_reward.py: train.py plus a reward term these short completions can earn
+    cmd = [sys.executable, "tests/train_with_test_reward.py", "--model", str(tiny_model_dir), "--max-steps", "2",
+           "--batch-size", "2", "--num-generations", "4", "--max-completion-length", "24", "--eval-steps", "2",
+           "--eval-limit", "4", "--beta", "0.04", "--num-iterations", "2", "--learning-rate", "1e-3",
+           "--output-dir", str(out_dir)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -290,7 +311,8 @@ def test_two_step_training_run(tiny_model_dir, tmp_path):
     for line in lines:
         assert REQUIRED_KEYS <= line.keys()
         assert 0.0 <= line["reward/semantic"] <= 1.0  # the semantic reward runs inside the loop (synthetic default)
-        assert line["completion_tokens"] > 0 and np.isfinite(line["loss"]) and line["kl"] >= 0
+        assert line["completion_tokens"] > 0 and np.isfinite(line["loss"]) and line["grad_norm"] > 0
+    assert lines[1]["kl"] > 0  # the policy has moved away from the reference
     assert "eval/acc@0.5" in lines[-1] and "eval/miou" in lines[-1]
     summary = json.loads((out_dir / "summary.json").read_text())
     assert {"before", "after", "wall_s"} <= summary.keys() and summary["after"]["n"] == 4

@@ -17,7 +17,8 @@ TIMING = {"step_time_s", "generate_s"}
 
 
 def small_run(model_dir, out_dir, *extra):
-    return ["train.py", "--model", str(model_dir), "--batch-size", "2", "--num-generations", "4",
+    # with a reward term the short runs can earn (tests/train_with_test_reward.py): the weights move
+    return ["tests/train_with_test_reward.py", "--model", str(model_dir), "--batch-size", "2", "--num-generations", "4",
             "--max-completion-length", "16", "--eval-steps", "0", "--eval-limit", "4", "--learning-rate", "1e-3",
             "--beta", "0.04", "--output-dir", str(out_dir), *extra]
 
@@ -50,6 +51,9 @@ def without_timing(line):
 def straight(model_dir, out, nproc):
     """4 steps straight, checkpoints at steps 2 and 4."""
     run(small_run(model_dir, out, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3"), nproc=nproc)
+    # Every step had a gradient and the weights moved: the resume tests compare weights that changed.
+    assert all(l["grad_norm"] > 0 and l["frac_zero_std"] < 1 for l in metrics(out))
+    assert max_diff(weights(model_dir), weights(out / "final")) > 1e-3
     return out
 
 
@@ -277,13 +281,15 @@ def test_logged_loss_is_the_objective_that_was_backpropagated(loss_type, tiny_mo
         return loss, stats
 
     from grpo_min.loss import grpo_loss
+    from tests.train_with_test_reward import score_with_digits
     monkeypatch.setattr(train, "grpo_loss", recording_loss)
+    monkeypatch.setattr(train.R, "score_completions", score_with_digits)  # a reward these completions can earn
     out = tmp_path / loss_type
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     argv = small_run(tiny_model_dir, out, "--max-steps", "1", "--gradient-accumulation-steps", "2",
                      "--loss-type", loss_type)[1:]
     assert train.main(argv) is None
-    assert len(losses) == 2
+    assert len(losses) == 2 and all(abs(l) > 0 for l in losses)
     expected = sum(losses) if loss_type == "dapo" else sum(losses) / 2
     assert metrics(out)[0]["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
@@ -369,3 +375,4 @@ def test_memory_options_run(tiny_model_dir, tmp_path):
     assert all(l["completion_tokens"] == pytest.approx(l["completion_length"] * 2 * 2 * 4) for l in lines)
     start, end = weights(tiny_model_dir), weights(out / "final")
     assert all(torch.equal(start[k], end[k]) for k in start if "visual" in k)  # the vision tower stayed frozen
+    assert not all(torch.equal(start[k], end[k]) for k in start if "visual" not in k)  # (the rest trained)

@@ -1,0 +1,38 @@
+"""``train.py`` with one extra reward term, for the tests' short training runs.
+
+The tests train a model warm-started for only 20 steps, with completions of 16-24 tokens: no
+completion holds a readable box, so every real reward is 0, every advantage is 0, the gradient is
+0 and the weights never move, and a test of "resume gives the same weights" could not fail. This
+adds a term that depends on the text alone (the fraction of digits in it), so completions of a
+group differ, the policy gets a gradient, and the weights, KL and ratios change from step to step.
+Everything else is train.py as shipped.
+
+    python tests/train_with_test_reward.py --model PATH ...   # the same options as train.py
+    monkeypatch.setattr(train.R, "score_completions", score_with_digits)   # in-process runs
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import rewards  # noqa: E402
+import train  # noqa: E402
+
+_real_score_completions = rewards.score_completions
+
+
+def score_with_digits(completions, targets, config, semantic_scorer=None):
+    scores = _real_score_completions(completions, targets, config, semantic_scorer)
+    digits = torch.tensor([sum(c.isdigit() for c in text) / max(1, len(text)) for text in completions])
+    scores.total = scores.total + digits
+    return scores
+
+
+if __name__ == "__main__":  # as train.py's own entry point
+    rewards.score_completions = score_with_digits  # train.py calls it as R.score_completions
+    try:
+        sys.exit(train.main())
+    except train.CheckpointError as e:
+        sys.exit(f"error: {e}")
