@@ -123,6 +123,44 @@ def test_completions_are_masked_and_padded_after_their_first_eos(random_tiny, mo
     assert out.completion_ids.tolist() == [[5, 6, eos, pad, pad], [5, eos, pad, pad, pad], [5, 6, 7, 8, 9]]
 
 
+def test_a_qwen2_vl_folder_loads_with_its_frame_and_scores_alike_on_every_path(tmp_path):
+    """Qwen2-VL (boxes in 0-1000) through load_model, sampling and both scoring paths; Qwen's saved
+    12.8 M-pixel limit is capped unless asked for."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    from grpo_min.models import DEFAULT_MAX_PIXELS, load_model
+
+    base = tiny.build_processor()
+    tok, tid = base.tokenizer, base.tokenizer.convert_tokens_to_ids
+    processor = Qwen2VLProcessor(image_processor=base.image_processor, tokenizer=tok,
+                                 video_processor=base.video_processor, chat_template=base.chat_template)
+    processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": 12845056}  # as Qwen ships it
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"), pad_token_id=tok.pad_token_id),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    assert load_model(tmp_path, max_pixels=112 * 112)[1].image_processor.size["longest_edge"] == 112 * 112
+    model, processor, frame = load_model(tmp_path)
+    assert frame == "norm1000" and processor.image_processor.size["longest_edge"] == DEFAULT_MAX_PIXELS
+    _, prompts = _prompts(processor, n=2)
+    torch.manual_seed(0)
+    out = generate_completions(model, processor, prompts, num_generations=3, max_new_tokens=6)
+    kw = dict(group_size=3, never_ids=special_token_ids(processor)["never"])
+    plain = completion_logps(model, prompts, out.completion_ids, out.completion_mask, encode_image_once=False, **kw)
+    for fast in (completion_logps(model, prompts, out.completion_ids, out.completion_mask, **kw),
+                 completion_logps(model, prompts, out.completion_ids, out.completion_mask, share_prompt=False, **kw)):
+        assert torch.allclose(fast * out.completion_mask, plain * out.completion_mask, atol=1e-5)
+
+
 def test_completion_mask_covers_up_to_first_eos():
     ids = torch.tensor([[4, 9, 2, 5, 2], [4, 4, 4, 4, 4], [2, 7, 7, 7, 7]])
     mask = completion_mask_from_ids(ids, eos_ids=[2])
@@ -342,6 +380,43 @@ def test_sampling_does_not_depend_on_whether_the_model_was_built_or_loaded(tiny_
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         rewards.append([(l["reward"], l["completion_tokens"], l["loss"]) for l in lines])
     assert len(rewards[0]) == 2 and rewards[0] == rewards[1]
+
+
+def test_reward_weights_and_the_continuous_spatial_reward_reach_the_total():
+    import rewards as R
+
+    target = R.Target(box=(20, 20, 60, 60), orig_size=(224, 224), resized_size=(112, 112))
+    tight = '<think>a</think><answer>{"bbox_2d":[10,10,30,30]}</answer>'  # the truth, in the 112 px frame
+    loose = '<think>a</think><answer>{"bbox_2d":[10,10,40,40]}</answer>'  # IoU 400 / 900 = 0.444 with it
+    texts, targets = [tight, loose], [target] * 2
+    hard = R.score_completions(texts, targets, R.RewardConfig(format_weight=0.5, spatial_weight=2.0))
+    assert hard.total.tolist() == [2.5, 0.5]  # 0.5 x format + 2 x (IoU > 0.5)
+    iou = R.score_completions(texts, targets, R.RewardConfig(spatial_kind="iou"))
+    assert iou.terms["spatial"].tolist() == pytest.approx([1.0, 4 / 9]) and iou.total.tolist() == pytest.approx([2.0, 13 / 9])
+
+
+def test_learning_rate_schedules_and_the_epoch_order():
+    import train
+
+    model = torch.nn.Linear(2, 2)
+    rates = {}
+    for kind in ("constant", "linear", "cosine"):
+        cfg = train.Config(learning_rate=1.0, warmup_steps=2, lr_scheduler=kind, optim="adamw_torch")
+        _, scheduler = train.make_optimizer(model, cfg, total_steps=6)
+        rates[kind] = []
+        for _ in range(6):
+            rates[kind].append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step()
+            scheduler.step()
+    assert rates["constant"] == pytest.approx([0.5, 1, 1, 1, 1, 1])
+    # warm-up to the peak over 2 steps, then the decay over the 4 after it (reaching 0 after the last)
+    assert rates["linear"] == pytest.approx([0.5, 1, 1, 0.75, 0.5, 0.25])
+    assert rates["cosine"] == pytest.approx([0.5, 1, 1, 0.853553, 0.5, 0.146447], abs=1e-6)
+    # each epoch is its own permutation of the prompts, and the stream runs on across epochs
+    cfg = train.Config(batch_size=3, seed=0)
+    first, second = train.epoch_order(0, 0, 6).tolist(), train.epoch_order(0, 1, 6).tolist()
+    assert sorted(first) == sorted(second) == list(range(6)) and first != second
+    assert [train.prompt_indices(step, 0, cfg, 6) for step in range(4)] == [first[:3], first[3:], second[:3], second[3:]]
 
 
 def test_rewards_never_raise_and_count_failures():
