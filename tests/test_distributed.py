@@ -23,8 +23,8 @@ def small_run(model_dir, out_dir, *extra):
             "--beta", "0.04", "--output-dir", str(out_dir), *extra]
 
 
-def run(args, nproc=1, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(args, nproc=1, env=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
     result = subprocess.run(launcher + args, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env, **kw)
@@ -50,7 +50,8 @@ def without_timing(line):
 
 def straight(model_dir, out, nproc):
     """4 steps straight, checkpoints at steps 2 and 4."""
-    run(small_run(model_dir, out, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3"), nproc=nproc)
+    run(small_run(model_dir, out, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3"), nproc=nproc,
+        env={"GRPO_MIN_TEST_TRACE": str(out.with_name(out.name + "-trace"))})  # what each rank trained on
     # Every step had a gradient and the weights moved: the resume tests compare weights that changed.
     assert all(l["grad_norm"] > 0 and l["frac_zero_std"] < 1 for l in metrics(out))
     assert max_diff(weights(model_dir), weights(out / "final")) > 1e-3
@@ -80,10 +81,20 @@ def test_resume_is_exact(nproc, request, tiny_model_dir, tmp_path):
 
 
 def test_ddp_ranks_agree_and_metrics_are_global(straight2):
-    for line in metrics(straight2):
+    from grpo_min.loss import group_advantages
+
+    trace = straight2.with_name(straight2.name + "-trace")
+    ranks = [[json.loads(l) for l in (trace / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    for step, line in enumerate(metrics(straight2)):
         assert line["replica_divergence"] == 0.0  # identical weights on both ranks after every step
         # Statistics are reduced over ranks: 2 ranks x 2 prompts x 4 completions.
         assert line["completion_tokens"] == pytest.approx(line["completion_length"] * 2 * 2 * 4)
+        rewards = [torch.tensor(r[2 * step]["rewards"]) for r in ranks]  # each rank's own 8 completions
+        assert line["reward"] == pytest.approx(torch.cat(rewards).mean().item(), rel=1e-6)  # both ranks' mean
+        for r in (0, 1):  # each rank's loss got the advantages of its own completions (groups never span ranks)
+            used = torch.tensor(ranks[r][2 * step + 1]["advantages"])
+            assert torch.allclose(used, group_advantages(rewards[r], 4), atol=1e-6)
+        assert not torch.equal(rewards[0], rewards[1])  # (so that using the other rank's would show)
     state = json.loads((straight2 / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["data_position"] == 2 * 2 * 2
     assert (straight2 / "checkpoint-2" / "rng_state_rank1.pt").exists()
