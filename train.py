@@ -259,8 +259,10 @@ def load_splits(cfg: Config):
         ds, report = check_images(ds)
         dist.print0(f"{cfg.dataset}/{name} images: {report}")
         if len(ds) == 0 and not (name == "val" and not cfg.eval_steps):  # val is read only by --eval-steps
-            why = "see the report above" if report.total else "the split is empty"
-            raise SystemExit(f"error: {cfg.dataset}/{name} has no usable sample ({why}{'; ' + source if source else ''})")
+            dropped = report.total + getattr(getattr(ds, "skipped", None), "total", 0)  # images + rows at load
+            why = "every sample was skipped: see the reports above" if dropped else "the split is empty"
+            raise SystemExit(f"error: {cfg.dataset}/{name} has no usable sample ({why}"
+                             f"{'; ' + source if source else ''})")
         checked.append(ds)
     return checked
 
@@ -357,7 +359,8 @@ def run(cfg: Config, preemption: Preemption):
         raise SystemExit(f"error: {e}")
     # An earlier run in --output-dir: refused, or (--overwrite) deleted once every input has been checked.
     earlier_run = check_output_dir(out, resume_path, resume_state and resume_state["step"], overwrite=cfg.overwrite,
-                                   resume_auto=cfg.resume == "auto", keep=tuple(p for p in (model_path, resume_path) if p is not None))
+                                   resume_auto=cfg.resume == "auto",
+                                   keep=tuple(p for p in (model_path, resume_path) if p is not None))
     # The data and the reward's scorer before the models: a mistake there is named in seconds, not
     # after minutes of loading a 7B checkpoint.
     train_set, val_set, test_set = load_splits(cfg)
