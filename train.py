@@ -111,29 +111,21 @@ TINY_PRESET = dict(batch_size=8, max_completion_length=48, learning_rate=1e-4, w
 
 # Values that would crash a run much later, or silently train wrong (a negative clip norm flips the
 # gradient, a negative epsilon never reinforces a good completion): refused before anything loads.
+AT_LEAST_1, POSITIVE, NON_NEGATIVE = ((lambda v: v >= 1, "at least 1"), (lambda v: v > 0, "a positive number"),
+                                      (lambda v: v >= 0, "0 or more"))
 LIMITS = {
     "num_generations": (lambda v: v >= 2, "at least 2: a group of one has nothing to be relative to"),
-    "batch_size": (lambda v: v >= 1, "at least 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1"),
-    "num_iterations": (lambda v: v >= 1, "at least 1"),
-    "max_completion_length": (lambda v: v >= 1, "at least 1"),
-    "temperature": (lambda v: v > 0, "a positive number"),
-    "beta": (lambda v: v >= 0, "0 or more"),
-    "epsilon": (lambda v: v > 0, "a positive number"),
-    "epsilon_high": (lambda v: v > 0, "a positive number"),
-    "learning_rate": (lambda v: v > 0, "a positive number"),
-    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "batch_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1, "num_iterations": AT_LEAST_1,
+    "max_completion_length": AT_LEAST_1, "max_bad_steps": AT_LEAST_1, "eval_batch_size": AT_LEAST_1,
+    "temperature": POSITIVE, "epsilon": POSITIVE, "epsilon_high": POSITIVE, "learning_rate": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "beta": NON_NEGATIVE, "weight_decay": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "semantic_weight": NON_NEGATIVE,
     "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
-    "warmup_steps": (lambda v: v >= 0, "0 or more"),
     "max_steps": (lambda v: v >= 1, "at least 1 (leave it out to train --num-train-epochs)"),
-    "num_train_epochs": (lambda v: v > 0, "a positive number"),
     "save_steps": (lambda v: v >= 0, "0 (only on preemption) or more"),
     "save_total_limit": (lambda v: v >= 0, "0 (keep all) or more"),
-    "max_bad_steps": (lambda v: v >= 1, "at least 1"),
     "eval_steps": (lambda v: v >= 0, "0 (never) or more"),
     "eval_limit": (lambda v: v >= 1, "at least 1 (leave it out to evaluate whole splits)"),
-    "eval_batch_size": (lambda v: v >= 1, "at least 1"),
-    "semantic_weight": (lambda v: v >= 0, "0 or more"),
 }
 
 

@@ -71,17 +71,24 @@ def test_on_finding_crop_scores_higher_than_off_finding_crops_for_each_type(scor
         assert len(m) >= 15 and (m > 0).mean() >= 0.9 and m.mean() > 0.3, (kind, m.round(2).tolist())
 
 
-def test_batched_scores_equal_one_by_one(scorer):
+def random_answers(seed, images, per_image, corner_max, sizes):
+    """Answers with random boxes on the first val images: (completions, their targets)."""
     from data import synthetic_sample
 
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     completions, targets = [], []
-    for i in range(4):
+    for i in range(images):
         target = target_of(synthetic_sample(i, "val"))
-        for _ in range(4):
-            x, y = rng.uniform(0, 90, 2)
-            completions.append(answer((x, y, x + rng.uniform(3, 30), y + rng.uniform(3, 30))))
+        for _ in range(per_image):
+            x, y = rng.uniform(0, corner_max, 2)
+            completions.append(answer((x, y, x + rng.uniform(*sizes), y + rng.uniform(*sizes))))
             targets.append(target)
+    return completions, targets
+
+
+def test_batched_scores_equal_one_by_one(scorer):
+
+    completions, targets = random_answers(seed=1, images=4, per_image=4, corner_max=90, sizes=(3, 30))
     eligible = [True] * len(completions)
     batched, details = scorer.score(completions, targets, eligible)
     assert batched.shape == (16,) and batched.dtype == torch.float32
@@ -110,16 +117,7 @@ def test_a_phrase_embedding_does_not_depend_on_the_phrases_embedded_with_it(scor
 def test_rewards_do_not_depend_on_what_the_phrase_cache_held(scorer):
     """A resumed run starts with an empty cache: its rewards must equal, bitwise, those of a run whose
     cache was filled by earlier steps (README: resume reproduces an uninterrupted run exactly)."""
-    from data import synthetic_sample
-
-    rng = np.random.default_rng(2)
-    completions, targets = [], []
-    for i in range(6):
-        target = target_of(synthetic_sample(i, "val"))
-        for _ in range(3):
-            x, y = rng.uniform(0, 80, 2)
-            completions.append(answer((x, y, x + rng.uniform(8, 30), y + rng.uniform(8, 30))))
-            targets.append(target)
+    completions, targets = random_answers(seed=2, images=6, per_image=3, corner_max=80, sizes=(8, 30))
     eligible = [True] * len(completions)
     warm = SemanticScorer(scorer.model, scorer.processor)  # same weights, a cache of its own
     for t in targets:  # earlier steps: each phrase first embedded next to another one
