@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes and preemption, and resume exactly.
+"""Checkpoints, resume and preemption: what lets a run be interrupted anywhere and continue exactly.
 
 ``<output-dir>/checkpoint-<step>/`` holds:
 
@@ -18,8 +18,10 @@ Model and optimizer states go through ``torch.distributed.checkpoint.state_dict`
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -212,3 +214,76 @@ def check_checkpoint(path: Path) -> dict:
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors model weights")
     return state
+
+
+class Preemption:
+    """Remember a SIGTERM / SIGINT (SLURM sends SIGTERM before killing a job) until the step ends.
+
+    A context manager: the signals go back to their earlier handlers at exit (a caller of train.main()
+    gets its Ctrl-C back). A second signal stops at once.
+    """
+
+    def __init__(self):
+        self.requested, self.training, self.previous = False, True, {}
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        if not self.training:  # the final evaluation and save: nothing left to checkpoint
+            print(f"[rank {dist.rank()}] got signal {signum}: training is done, finishing the final evaluation and "
+                  "save (signal again to stop now)", flush=True)
+            return
+        print(f"[rank {dist.rank()}] got signal {signum}: saving a checkpoint at the end of this step", flush=True)
+
+    def any_rank(self, device) -> bool:
+        return dist.all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0
+
+
+class MetricsLog:
+    """``<output-dir>/metrics.jsonl``, one JSON line per step, written by rank 0.
+
+    A resumed run first drops the lines logged after its checkpoint (the steps it is about to redo); a
+    line cut off by a crash counts as after any checkpoint.
+    """
+
+    def __init__(self, out_dir: Path, start_step: int):
+        self.file = None
+        if dist.is_main():
+            path = Path(out_dir) / "metrics.jsonl"
+            lines = path.read_text().splitlines() if path.exists() else []
+            path.write_text("".join(line + "\n" for line in lines if _logged_step(line) <= start_step))
+            self.file = open(path, "a")
+
+    def write(self, record: dict):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut off by a crash counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+RESUME_MAY_CHANGE = {"resume", "overwrite", "output_dir", "max_steps", "num_train_epochs", "eval_steps", "eval_limit",
+                     "save_steps", "save_total_limit"}
+
+
+def warn_config_changes(saved: dict, config: dict):
+    """Name every option a resumed run changed from its checkpoint's run (other than RESUME_MAY_CHANGE)."""
+    changed = {k: (saved.get(k), v) for k, v in config.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
+    if changed:
+        dist.print0("WARNING: resuming with a different configuration: " +
+                    "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))

@@ -1,6 +1,6 @@
 """The embedded default model: a tiny Qwen2.5-VL built from a config, warm-started on synthetic data.
 
-No weights can be downloaded here, so ``--model tiny`` builds one (about 0.8 M parameters):
+No weights can be downloaded here, so ``--model tiny`` builds one (0.93 M parameters):
 
 1. a byte-level BPE tokenizer trained in memory on the prompts and answers of the synthetic task,
    with Qwen's special tokens and digits split one per token (as Qwen's own tokenizer does);
@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from grpo_min.optim import make_optimizer
 
 RECIPE_VERSION = 2  # bump when anything below changes what gets built
 WARM_START = dict(steps=400, batch_size=32, learning_rate=2e-3, warmup_steps=20, loose_pad=0.3)
@@ -62,8 +63,8 @@ def cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------
 def _corpus() -> list[str]:
     """Text the tiny tokenizer is fitted on: every template, synthetic phrase and answer shape."""
-    from data import synthetic_phrases
     from grpo_min.prompts import TEMPLATES, render_question
+    from grpo_min.synthetic import synthetic_phrases
 
     phrases = synthetic_phrases()
     texts = ["system user assistant"] * 3
@@ -124,6 +125,71 @@ def build_model(processor, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------
+# Random-weight models of other sizes (benchmarks)
+# ----------------------------------------------------------------------------------------------
+# Random-weight models with Qwen2.5-VL's layout. The tokenizer is always the tiny model's (a few
+# hundred tokens, fitted in memory: nothing to download). "50m" keeps that small vocabulary, so its
+# ~50 M parameters are decoder and vision blocks (where CPU arithmetic goes); "3b" and "7b" copy
+# Qwen2.5-VL-3B/7B-Instruct's published dimensions, including the 151,936-row vocabulary, so that the
+# LM head and log-softmax cost what they cost on the real model (ids past the tokenizer decode to "").
+MODEL_CONFIGS = {
+    "34m": dict(
+        text=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, mrope_section=[8, 12, 12], rope_theta=10000.0, vocab_size=None,
+                  tie_word_embeddings=False),
+        vision=dict(depth=8, hidden_size=384, intermediate_size=768, num_heads=6, out_hidden_size=512,
+                    fullatt_block_indexes=[3, 7])),
+    "50m": dict(
+        text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, mrope_section=[8, 12, 12], rope_theta=10000.0, vocab_size=None,
+                  tie_word_embeddings=False),
+        vision=dict(depth=8, hidden_size=384, intermediate_size=1536, num_heads=6, out_hidden_size=512,
+                    fullatt_block_indexes=[3, 7])),
+    "3b": dict(
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24], rope_theta=1000000.0, vocab_size=151936,
+                  tie_word_embeddings=True),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                    fullatt_block_indexes=[7, 15, 23, 31])),
+    "7b": dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, mrope_section=[16, 24, 24], rope_theta=1000000.0, vocab_size=152064,
+                  tie_word_embeddings=False),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                    fullatt_block_indexes=[7, 15, 23, 31])),
+}
+
+
+def random_model(name: str, processor, seed: int):
+    """A Qwen2.5-VL with random weights and the dimensions of ``MODEL_CONFIGS[name]`` ("tiny": build_model's)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if name == "tiny":
+        return build_model(processor, seed)
+    dims = MODEL_CONFIGS[name]
+    text, vision = dict(dims["text"]), dims["vision"]
+    tok = processor.tokenizer
+    tid = tok.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=text.pop("vocab_size") or len(tok), max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": text.pop("rope_theta"),
+                                          "mrope_section": text.pop("mrope_section")},
+                         bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
+                         pad_token_id=tok.pad_token_id, **text),
+        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, **vision),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    # Both end-of-turn tokens, as the tiny model (and Qwen's checkpoints) list them: TRL stops where the
+    # model's generation_config says, grpo_min where special_token_ids says; they must agree.
+    model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
 # The warm start
 # ----------------------------------------------------------------------------------------------
 def warm_start_target(sample, resized_size, loose_pad: float = WARM_START["loose_pad"]) -> str:
@@ -148,15 +214,14 @@ def warm_start(model, processor, template: str, seed: int = 0, steps: int = WARM
                batch_size: int = WARM_START["batch_size"], learning_rate: float = WARM_START["learning_rate"],
                warmup_steps: int = WARM_START["warmup_steps"], loose_pad: float = WARM_START["loose_pad"]):
     """Supervised steps (teacher forcing, token-mean cross-entropy on the target) on synthetic train."""
-    from data import SyntheticDataset
     from grpo_min.rollout import completion_logps, encode_prompts
+    from grpo_min.synthetic import SyntheticDataset
 
     train = SyntheticDataset("train", seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     # Linear warm-up, then a cosine decay to zero: the last, small steps sharpen the boxes.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup_steps, 0.5 * (
-        1 + math.cos(math.pi * min(1.0, max(0, s - warmup_steps) / max(1, steps - warmup_steps))))))
+    opt, sched = make_optimizer(model.parameters(), lr=learning_rate, fused=False, warmup_steps=warmup_steps,
+                                total_steps=steps, schedule="cosine")
     tok = processor.tokenizer
     model.train()
     bar = tqdm(range(steps), desc="warm start (supervised)", leave=False)
@@ -191,8 +256,7 @@ def tiny_model_path(seed: int = 0, template: str | None = None, **overrides) -> 
     ``overrides`` (e.g. ``steps=20``) give a cheaper model for tests.
     """
     from grpo_min.prompts import CHAIN_OF_BOX
-
-    from data import SYNTHETIC_VERSION
+    from grpo_min.synthetic import SYNTHETIC_VERSION
 
     template = template or CHAIN_OF_BOX
     recipe = dict(WARM_START, **overrides, version=RECIPE_VERSION, data_version=SYNTHETIC_VERSION, seed=seed,

@@ -11,8 +11,8 @@ set up with requirements-dev-trl.txt) through scripts/trl_driver.py; nothing her
 
 For each model, a folder is written once with ``save_pretrained`` (model and processor) and both
 trainers load that same folder: ``tiny`` is grpo_min.tiny's model with random weights, ``50m`` the
-~50 M-parameter random model of grpo_min.bench.MODEL_CONFIGS. Then for each image size, ours
-(``python -m grpo_min.bench``) and TRL's (scripts/trl_driver.py) run alternately, A B A B A B, each in
+~50 M-parameter random model of grpo_min.tiny.MODEL_CONFIGS. Then for each image size, ours
+(``python scripts/bench.py``) and TRL's (scripts/trl_driver.py) run alternately, A B A B A B, each in
 a fresh process (peak RSS is a process-lifetime number), so that a change in the machine's load
 hits both alike. Same settings in both: 1 prompt x 8 completions per step, at most 32 completion
 tokens, beta 0.04, loss "grpo", fp32, the same image and prompt text; the first step of each run is
@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from grpo_min.bench import MODEL_CONFIGS, PHRASES, random_model, synthetic_image  # noqa: E402
+from bench import PHRASES, synthetic_image  # noqa: E402  (scripts/bench.py)
 from grpo_min.prompts import CHAIN_OF_BOX, render_question  # noqa: E402
-from grpo_min.tiny import RECIPE_VERSION, build_processor, cached_build  # noqa: E402
+from grpo_min.tiny import MODEL_CONFIGS, RECIPE_VERSION, build_processor, cached_build, random_model  # noqa: E402
 
 G, L, BETA = 8, 32, 0.04
 
@@ -98,7 +98,7 @@ def main():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    prompt = render_question(PHRASES[0], CHAIN_OF_BOX)  # the text grpo_min.bench renders for its one prompt
+    prompt = render_question(PHRASES[0], CHAIN_OF_BOX)  # the text scripts/bench.py renders for its one prompt
     started = time.strftime("%Y-%m-%d %H:%M")
     print(f"{started}, {platform.node()}, {os.cpu_count()} cores, load average at start {os.getloadavg()}")
     log = open(out / "log.txt", "w")
@@ -113,12 +113,12 @@ def main():
         for size in args.sizes:
             for B in args.batch_sizes:
                 images = [out / f"image{size}-{i}.png" for i in range(B)]
-                for i, image in enumerate(images):  # the very images grpo_min.bench draws (PNG is lossless)
+                for i, image in enumerate(images):  # the very images scripts/bench.py draws (PNG is lossless)
                     synthetic_image(size, seed=i).save(image)
                 common = ["--model", str(folder), "--num-generations", str(G), "--max-completion-length",
                           str(args.max_completion_length), "--beta", str(BETA), "--steps", str(steps),
                           "--batch-size", str(B), "--dtype", args.dtype]
-                ours_cmd = [sys.executable, "-m", "grpo_min.bench", *common, "--image-size", str(size)]
+                ours_cmd = [sys.executable, "scripts/bench.py", *common, "--image-size", str(size)]
                 trl_cmd = [args.trl_python, "scripts/trl_driver.py", *common, "--image", *map(str, images),
                            "--prompt", prompt]
                 results = {"ours": [], "trl": []}

@@ -3,7 +3,7 @@
     python scripts/step_floor.py --model-config 50m --image-size 224
     python scripts/step_floor.py --model-config tiny --image-size 448 --max-completion-length 128
 
-Takes the benchmark's options (``python -m grpo_min.bench --help``) and, on one rollout of that
+Takes the benchmark's options (``python scripts/bench.py --help``) and, on one rollout of that
 configuration:
 
 1. counts the floating-point operations of the passes a step runs after sampling (the reference
@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grpo_min import bench  # noqa: E402
+import bench  # noqa: E402  (scripts/bench.py)
 from grpo_min.prompts import CHAIN_OF_BOX  # noqa: E402
 from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids  # noqa: E402
 

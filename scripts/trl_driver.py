@@ -4,10 +4,10 @@ Run with the TRL venv (requirements-dev-trl.txt), never the project's; the proje
 
     .venv-trl/bin/python scripts/trl_driver.py --model FOLDER --image IMG.png --prompt "..." --steps 6
 
-The work per step is the benchmark's (grpo_min/bench.py): ``--batch-size`` prompts (default 1; prompt
+The work per step is the benchmark's (scripts/bench.py): ``--batch-size`` prompts (default 1; prompt
 i uses the i-th ``--image``, the same text, every step) x G sampled completions of at most L tokens,
 in ``--dtype`` (fp32 by default; bfloat16 computes in bf16 under autocast over float32 weights, as
-grpo_min.bench and train.py do), beta
+scripts/bench.py and train.py do), beta
 as given, loss "grpo", one update per generation, AdamW at 1e-6 with gradient clipping at 1.0. Settings that would make TRL do *more*
 work than grpo_min are turned off: gradient checkpointing (GRPOConfig defaults it on), bf16 (on by
 default), and the bias-corrected KL (plain k3, as in docs/METHOD.md). The same tokens are suppressed when
@@ -53,7 +53,7 @@ def main():
     image, B = images[0], args.batch_size
     S = image.size[0]
     processor = AutoProcessor.from_pretrained(args.model)
-    size = dict(processor.image_processor.size)  # as grpo_min.bench: the S x S image stays unresized
+    size = dict(processor.image_processor.size)  # as scripts/bench.py: the S x S image stays unresized
     size["shortest_edge"] = min(size.get("shortest_edge", S * S), S * S)
     size["longest_edge"] = max(size.get("longest_edge", S * S), S * S)
     processor.image_processor.size = size

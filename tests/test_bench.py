@@ -1,4 +1,4 @@
-"""The throughput benchmark (python -m grpo_min.bench) and the fast paths it measures."""
+"""The throughput benchmark (python scripts/bench.py) and the fast paths it measures."""
 import json
 import os
 import subprocess
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_runs_and_ends_with_a_json_line():
-    cmd = [sys.executable, "-m", "grpo_min.bench", "--model-config", "tiny", "--image-size", "112", "--steps", "2",
+    cmd = [sys.executable, "scripts/bench.py", "--model-config", "tiny", "--image-size", "112", "--steps", "2",
            "--max-completion-length", "8", "--num-generations", "2"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -305,16 +305,16 @@ def test_train_help():
     for option in ("--num-generations", "--beta", "--epsilon-high", "--loss-type", "--scale-rewards",
                    "--max-completion-length", "--temperature", "--learning-rate", "--template", "--num-iterations"):
         assert option in out.stdout
-    assert "demo preset replaces some defaults above: --batch-size 8," in out.stdout
+    assert "replaces some defaults above: --batch-size 8," in out.stdout
 
 
 def test_fused_adamw_makes_the_same_updates_as_the_default(random_tiny):
-    from train import Config, make_optimizer
+    from grpo_min.optim import make_optimizer
 
     model, _ = random_tiny
     copies = {name: copy.deepcopy(model) for name in ("adamw_torch_fused", "adamw_torch")}
-    optimizers = {name: make_optimizer(m, Config(optim=name, learning_rate=1e-3, weight_decay=0.01,
-                                                 warmup_steps=2), 10) for name, m in copies.items()}
+    optimizers = {name: make_optimizer(m.parameters(), lr=1e-3, weight_decay=0.01, fused=name == "adamw_torch_fused",
+                                       warmup_steps=2, total_steps=10) for name, m in copies.items()}
     assert optimizers["adamw_torch_fused"][0].defaults["fused"] is True
     assert not optimizers["adamw_torch"][0].defaults["fused"]
     g = torch.Generator().manual_seed(0)
@@ -397,12 +397,13 @@ def test_reward_weights_and_the_continuous_spatial_reward_reach_the_total():
 
 def test_learning_rate_schedules_and_the_epoch_order():
     import train
+    from grpo_min.optim import make_optimizer
 
     model = torch.nn.Linear(2, 2)
     rates = {}
     for kind in ("constant", "linear", "cosine"):
-        cfg = train.Config(learning_rate=1.0, warmup_steps=2, lr_scheduler=kind, optim="adamw_torch")
-        _, scheduler = train.make_optimizer(model, cfg, total_steps=6)
+        _, scheduler = make_optimizer(model.parameters(), lr=1.0, fused=False, warmup_steps=2, total_steps=6,
+                                      schedule=kind)
         rates[kind] = []
         for _ in range(6):
             rates[kind].append(scheduler.get_last_lr()[0])
@@ -414,9 +415,11 @@ def test_learning_rate_schedules_and_the_epoch_order():
     assert rates["cosine"] == pytest.approx([0.5, 1, 1, 0.853553, 0.5, 0.146447], abs=1e-6)
     # each epoch is its own permutation of the prompts, and the stream runs on across epochs
     cfg = train.Config(batch_size=3, seed=0)
-    first, second = train.epoch_order(0, 0, 6).tolist(), train.epoch_order(0, 1, 6).tolist()
+    first, second = data.epoch_order(0, 0, 6).tolist(), data.epoch_order(0, 1, 6).tolist()
     assert sorted(first) == sorted(second) == list(range(6)) and first != second
-    assert [train.prompt_indices(step, 0, cfg, 6) for step in range(4)] == [first[:3], first[3:], second[:3], second[3:]]
+    samples = list(range(6))  # the "samples" are their own indices
+    assert [train.rollout_batches(samples, step, cfg)[0] for step in range(4)] == [first[:3], first[3:], second[:3],
+                                                                                 second[3:]]
 
 
 def test_rewards_never_raise_and_count_failures():
@@ -489,10 +492,10 @@ def test_data_and_scorer_mistakes_are_named_before_any_model_loads(tiny_model_di
 
 
 def test_a_cut_off_metrics_line_counts_as_after_the_checkpoint():
-    import train
+    from grpo_min.checkpoint import _logged_step
 
-    assert train._logged_step('{"step": 3, "reward": 1.0}') == 3
-    assert train._logged_step('{"step": 5, "rew') == float("inf")
+    assert _logged_step('{"step": 3, "reward": 1.0}') == 3
+    assert _logged_step('{"step": 5, "rew') == float("inf")
 
 
 def test_under_torchrun_only_rank_0_prints_even_before_the_group_is_joined(monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import data
+from grpo_min import m3d
 from data import DatasetError, check_images, load_dataset
 from tests.fixtures import (M3D_TEXTS, MS_CXR_SIZE, MULTI_BOX_PHRASE, write_chestxray8_fixture, write_jsonl_fixture,
                             write_m3d_fixture, write_medrpg_fixture, write_ms_cxr_fixture)
@@ -215,7 +216,7 @@ def test_m3d_nifti_slices_boxes_splits_and_cache(tmp_path, monkeypatch):
     img = Image.open(s1.image)
     assert img.mode == "L" and img.size == (16, 16)
     # a second load reads the cache and decodes no volume
-    monkeypatch.setattr(data, "_read_volumes", lambda *paths: pytest.fail(f"decoded {paths} again"))
+    monkeypatch.setattr(m3d, "_read_volumes", lambda *paths: pytest.fail(f"decoded {paths} again"))
     again = load_dataset("m3d-refseg", "test", data_root=root, cache_dir=cache)
     assert [(s.id, s.box, s.image) for s in again] == [(s.id, s.box, s.image) for s in ds["test"]]
 
@@ -489,3 +490,12 @@ def test_torchrun_trains_two_steps_on_an_ms_cxr_fixture(tiny_model_dir, tmp_path
     assert [l["step"] for l in lines] == [1, 2] and "eval/acc@0.5" in lines[-1]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["n"] == 4  # the fixture's 4 test pairs
+
+
+@pytest.mark.parametrize("module", ["grpo_min.datasets", "grpo_min.sample", "grpo_min.optim"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

@@ -220,12 +220,14 @@ def test_resuming_on_another_number_of_ranks_continues_the_data(straight2, tiny_
     step x the new prompts per step, which would repeat prompts), and the run says what differs."""
     import train
 
+    import data
+
     cfg = train.parse_config(["--model", str(tiny_model_dir), "--batch-size", "2"])
-    order = train.epoch_order(cfg.seed, 0, 2000)
+    order, samples = data.epoch_order(cfg.seed, 0, 2000), list(range(2000))  # the "samples" are their own indices
     # 2 ranks x 2 prompts per step: steps 0-1 used positions 0-7; a 1-rank resume at step 2 takes 8, 9, 10, 11.
-    resumed = [train.prompt_indices(step, 0, cfg, 2000, origin=(2, 8)) for step in (2, 3)]
+    resumed = [train.rollout_batches(samples, step, cfg, origin=(2, 8))[0] for step in (2, 3)]
     assert resumed == [order[8:10].tolist(), order[10:12].tolist()]
-    assert train.prompt_indices(2, 0, cfg, 2000) == order[4:6].tolist()  # what a fresh 1-rank run would use
+    assert train.rollout_batches(samples, 2, cfg)[0] == order[4:6].tolist()  # what a fresh 1-rank run would use
     # By epochs: 12 prompts in all, 8 seen by the 2-rank run; 2 per step on 1 rank leaves steps 3 and 4.
     result = run(small_run(tiny_model_dir, tmp_path / "r", "--num-train-epochs", "0.006",
                            "--resume", str(straight2 / "checkpoint-2")))
@@ -335,6 +337,7 @@ def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tiny_model
     import data
     import train
     from grpo_min.models import compute_precision, load_reference
+    from grpo_min.optim import make_optimizer
     from grpo_min.prompts import CHAIN_OF_BOX
     from grpo_min.rollout import completion_logps, encode_prompts
     from grpo_min.tiny import warm_start_target
@@ -359,7 +362,7 @@ def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tiny_model
         full = completion_logps(policy, prompts, ids, mask, group_size=1)
     assert (logps.detach() - full).abs().max() > 1e-4  # autocast did compute in bfloat16
     (-(logps * mask).sum() / mask.sum()).backward()
-    optimizer, _ = train.make_optimizer(policy, cfg, total_steps=1)
+    optimizer, _ = make_optimizer(policy.parameters(), lr=cfg.learning_rate)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     optimizer.step()
     after = dict(policy.named_parameters())

@@ -1,4 +1,4 @@
-"""Tests for grpo_min/semantic.py: the semantic consistency reward's scorer and the tiny CLIP behind it."""
+"""Tests for grpo_min/semantic.py (the semantic consistency reward's scorer) and grpo_min/tiny_scorer.py (the tiny CLIP behind it)."""
 
 import doctest
 
@@ -8,9 +8,10 @@ import torch
 
 import rewards as R
 from data import FINDINGS
-from grpo_min import semantic
+from grpo_min import semantic, tiny_scorer
 from grpo_min.boxes import to_model_frame
-from grpo_min.semantic import SemanticScorer, crop_to_square, normal_box
+from grpo_min.semantic import SemanticScorer, crop_to_square
+from grpo_min.tiny_scorer import normal_box
 
 RESIZED = (112, 112)  # the tiny VLM's frame for the 224 px synthetic images
 
@@ -20,7 +21,7 @@ def scorer():
     """The default tiny scorer, exactly as training uses it (built once per session into the private
     cache conftest.py sets up: about 20 s on 2 idle cores). Reduced recipes (fewer images or steps)
     fit it less well and leave some on-finding crops below a normal-tissue crop."""
-    return SemanticScorer.from_pretrained(semantic.tiny_scorer_path(0))
+    return SemanticScorer.from_pretrained(tiny_scorer.tiny_scorer_path(0))
 
 
 def answer(box) -> str:
@@ -32,8 +33,9 @@ def target_of(sample) -> R.Target:
                     phrase=sample.text, image=sample.load_image())
 
 
-def test_docstring_examples():
-    result = doctest.testmod(semantic)
+@pytest.mark.parametrize("module", [semantic, tiny_scorer])
+def test_docstring_examples(module):
+    result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -55,7 +57,7 @@ def test_on_finding_crop_scores_higher_than_off_finding_crops_for_each_type(scor
     margins = {kind: [] for kind in FINDINGS}  # on-finding score minus each off-finding score
     counts = {kind: 0 for kind in FINDINGS}
     for i in range(200):
-        sample, findings = semantic.synthetic_findings(i, "test", 0)
+        sample, findings = tiny_scorer.synthetic_findings(i, "test", 0)
         if counts[sample.category] == 5:
             continue
         counts[sample.category] += 1
@@ -163,8 +165,8 @@ def test_bad_boxes_score_zero_and_are_counted(scorer):
 
 
 def test_loads_a_clip_folder_written_by_save_pretrained(tmp_path):
-    processor = semantic.build_scorer_processor(image_size=24)
-    semantic.build_scorer_model(processor, seed=3, image_size=24, hidden_size=32).save_pretrained(tmp_path)
+    processor = tiny_scorer.build_scorer_processor(image_size=24)
+    tiny_scorer.build_scorer_model(processor, seed=3, image_size=24, hidden_size=32).save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     scorer = SemanticScorer.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert type(scorer.model).__name__ == "CLIPModel" and not scorer.model.training
@@ -179,7 +181,7 @@ def test_loads_a_clip_folder_written_by_save_pretrained(tmp_path):
 def test_loads_a_siglip_folder(tmp_path):
     from transformers import SiglipConfig, SiglipModel
 
-    processor = semantic.build_scorer_processor(image_size=24)  # a SigLIP folder would hold its own
+    processor = tiny_scorer.build_scorer_processor(image_size=24)  # a SigLIP folder would hold its own
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     config = SiglipConfig(text_config=dict(tower, vocab_size=len(processor.tokenizer), max_position_embeddings=16),
                           vision_config=dict(tower, image_size=24, patch_size=4))
@@ -204,16 +206,16 @@ def test_a_folder_without_image_and_text_towers_gives_a_clear_error(tmp_path):
 
 def test_tiny_scorer_build_is_deterministic():
     tiny = dict(train_images=12, steps=3, batch_size=8)
-    first = semantic.tiny_scorer_path(5, **tiny)
+    first = tiny_scorer.tiny_scorer_path(5, **tiny)
     weights = SemanticScorer.from_pretrained(first).model.state_dict()
     import shutil
 
     shutil.rmtree(first)
-    again = SemanticScorer.from_pretrained(semantic.tiny_scorer_path(5, **tiny)).model.state_dict()
+    again = SemanticScorer.from_pretrained(tiny_scorer.tiny_scorer_path(5, **tiny)).model.state_dict()
     assert weights.keys() == again.keys()
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     with pytest.raises(TypeError, match="unknown scorer recipe keys"):
-        semantic.tiny_scorer_path(5, step=3)
+        tiny_scorer.tiny_scorer_path(5, step=3)
 
 
 def test_score_completions_adds_the_semantic_term(scorer):

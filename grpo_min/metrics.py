@@ -1,0 +1,88 @@
+"""The numbers a step logs: this rank's sums reduced over all ranks into means, and phase timings.
+
+Infrastructure, off the reading path: ``grpo_step`` hands over what it computed; the keys and their meaning
+are README's "Reading a metrics line".
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from grpo_min import dist
+
+
+def rollout_record(scores, rollouts, rewards: torch.Tensor, all_rewards: torch.Tensor, group_size: int,
+                   device) -> dict:
+    """Reward, parse and length statistics of one rollout, over every rank's completions.
+
+    scores: this rank's rewards.Scores (one per micro-batch); rollouts: its rollout.Rollout records; rewards:
+    (N,) its total rewards; all_rewards: every rank's, gathered.
+    """
+    lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts])  # (N,)
+    semantic_on = "semantic" in scores[0].terms
+    local = {
+        "reward": rewards.sum().item(),
+        **{f"reward/{k}": torch.cat([s.terms[k] for s in scores]).sum().item() for k in scores[0].terms},
+        "parse_failure_rate": float(sum(s.parse_failures for s in scores)),
+        "reward_errors": float(sum(s.errors for s in scores)),
+        "semantic_invalid_boxes": float(sum(s.details.get("semantic_invalid_boxes", 0) for s in scores)),
+        "completion_tokens": lengths.sum().item(),
+    }
+    summed = dist.reduce_dict_sum(local, device)
+    n, grouped = all_rewards.numel(), all_rewards.view(-1, group_size)
+    return {**{k: v / n for k, v in summed.items() if k.startswith("reward") and k != "reward_errors"},
+            "reward_std": all_rewards.std().item(),
+            "frac_zero_std": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
+            "parse_failure_rate": summed["parse_failure_rate"] / n,
+            "reward_errors": int(summed["reward_errors"]),
+            **({"semantic_invalid_boxes": int(summed["semantic_invalid_boxes"])} if semantic_on else {}),
+            "completion_length": summed["completion_tokens"] / n,
+            "completion_tokens": int(summed["completion_tokens"])}
+
+
+def update_record(stats: dict, grad_norm, lr: float, skipped: bool, device) -> dict:
+    """One optimizer update's loss statistics (means over ranks), gradient norm, learning rate."""
+    summed = dist.reduce_dict_sum(stats, device)
+    return {**{k: v / dist.world_size() for k, v in summed.items()}, "grad_norm": float(grad_norm), "lr": lr,
+            "skipped_update": skipped}
+
+
+def run_checks(policy, device, config) -> dict:
+    """Health of the run after a rollout's updates: the DDP replicas' agreement, the GPU memory peak."""
+    checks = {}
+    if device.type == "cuda":  # this rank's peak since the start (weights, optimizer, activations, cache)
+        checks["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    if dist.world_size() > 1 and not config.fsdp:  # DDP: every rank must hold the same weights; check it
+        checksum = torch.stack([p.detach().double().sum() for p in policy.parameters()]).sum().reshape(1)
+        checksums = dist.all_gather_cat(checksum.to(device))
+        checks["replica_divergence"] = (checksums.max() - checksums.min()).item()
+    return checks
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a step (``with timer("generate"): ...``), summed over calls.
+
+    On a GPU it waits for queued kernels before reading the clock, so each phase gets its own time.
+    """
+
+    def __init__(self, device):
+        self.device, self.seconds = device, defaultdict(float)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.seconds[phase] += time.perf_counter() - t0
+
+    def sampling(self) -> float:
+        """Seconds spent producing and scoring the completions (``generate_s`` in metrics.jsonl)."""
+        return self.seconds["encode"] + self.seconds["generate"] + self.seconds["rewards"]

@@ -1,0 +1,55 @@
+"""AdamW and the learning-rate schedule, shared by GRPO (train.py) and the two demo builders."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "constant") -> float:
+    """The multiplier of the peak learning rate at optimizer step ``step`` (0, 1, ...).
+
+    A linear warm-up from 1/warmup_steps to 1 over the first ``warmup_steps`` steps, then ``constant``,
+    or a ``linear`` or ``cosine`` decay that reaches 0 at ``total_steps``.
+
+    >>> [round(lr_factor(s, 2, 6, "linear"), 2) for s in range(6)]
+    [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    >>> [round(lr_factor(s, 0, 4, "cosine"), 2) for s in range(4)]
+    [1.0, 0.85, 0.5, 0.15]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)  # 0 -> 1 after the warm-up
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule {schedule!r}: expected one of {SCHEDULES}")
+
+
+def make_optimizer(params, *, lr: float, weight_decay: float = 0.0, fused: bool = True, warmup_steps: int = 0,
+                   total_steps: int = 1, schedule: str = "constant"):
+    """(AdamW over the parameters that require grad, its LambdaLR scheduler of ``lr_factor``).
+
+    ``fused`` updates all tensors in a few kernels instead of a Python loop over them: the same AdamW
+    update (tests/test_core.py compares the two), about 4x faster on 2 CPU cores for a 53 M model
+    (docs/PERFORMANCE.md). FSDP2's sharded parameters (DTensor) keep the default implementation.
+    """
+    params = [p for p in params if p.requires_grad]
+    fused = fused and not any(_is_dtensor(p) for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))
+    return optimizer, scheduler
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return False
+    return isinstance(t, DTensor)
