@@ -35,13 +35,19 @@ def make_optimizer(params, *, lr: float, weight_decay: float = 0.0, fused: bool 
                    total_steps: int = 1, schedule: str = "constant"):
     """(AdamW over the parameters that require grad, its LambdaLR scheduler of ``lr_factor``).
 
+    ``weight_decay`` applies to the matrices (2-D and up), not to biases and normalisation weights.
+
     ``fused`` updates all tensors in a few kernels instead of a Python loop over them: the same AdamW
     update (tests/test_core.py compares the two), about 4x faster on 2 CPU cores for a 53 M model
     (docs/PERFORMANCE.md). FSDP2's sharded parameters (DTensor) keep the default implementation.
     """
     params = [p for p in params if p.requires_grad]
     fused = fused and not any(_is_dtensor(p) for p in params)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    # Weight decay shrinks matrices only: biases and normalisation weights (1-D) keep their scale, as in
+    # transformers' Trainer (and so TRL).
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))
     return optimizer, scheduler

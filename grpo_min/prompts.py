@@ -1,29 +1,31 @@
-"""Prompts: the question, the Chain-of-Box template (MedGround-R1) and the plain one.
+"""Prompts: MedGround-R1's question and its two templates, Chain-of-Box and plain, character for character.
 
-The image comes first in the user turn, then the templated question. Templates are plain strings
-with a ``{question}`` slot; a user can pass a text file of their own (``--template path.txt``).
+The image comes first in the user turn, then the templated question. Templates are plain strings with a
+``{question}`` slot; a user can pass a text file of their own (``--template path.txt``).
 
-    >>> render_question("left apical pneumothorax", PLAIN)[:53]
-    'Give the bounding box of the region this phrase descr'
+- ``QUESTION``: the question of the released code; every released log shows it.
+- ``CHAIN_OF_BOX``: the template printed in the paper's figure (official repository, title.png). Its
+  sentence "If you identify a region of interest, append its bounding box in the format [x1, y1, x2, y2]."
+  is the Chain-of-Box part: the reasoning names regions with their boxes.
+- ``PLAIN``: the released code's template (eval/test_rec_r1.py, open-r1-multimodal/src/open_r1/grpo_rec.py),
+  without the Chain-of-Box sentence.
+
+    >>> render_question("small left apical pneumothorax", PLAIN)[:86]
+    'Please provide the bounding box coordinate of the region this sentence describes: small'
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-QUESTION = "Give the bounding box of the region this phrase describes: {phrase}."
+QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: {phrase}."
 
-# The plain template: reason, then answer (what the released MedGround-R1 code uses).
-PLAIN = (
-    "{question} Reason inside <think> </think>, then answer inside <answer> </answer> "
-    'as JSON {{"bbox_2d": [x1, y1, x2, y2]}}.'
-)
+PLAIN = ("{question} First output the thinking process in <think> </think> tags and then output the final answer in "
+         "<answer> </answer> tags. Output the final answer in JSON format.")
 
-# Chain-of-Box: the same, plus the instruction to box every region the reasoning names.
-CHAIN_OF_BOX = (
-    "{question} Reason inside <think> </think>, writing the box [x1, y1, x2, y2] right after "
-    "each region of the image you name, then answer inside <answer> </answer> "
-    'as JSON {{"bbox_2d": [x1, y1, x2, y2]}}.'
-)
+CHAIN_OF_BOX = ("{question} First output the thinking process in <think> </think> tags and then output the final "
+                "answer in <answer> </answer> tags. In the <think> section, generate a step-by-step reasoning "
+                "process. If you identify a region of interest, append its bounding box in the format "
+                "[x1, y1, x2, y2]. Output the final answer in JSON format.")
 
 TEMPLATES = {"chain-of-box": CHAIN_OF_BOX, "plain": PLAIN}
 

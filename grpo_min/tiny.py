@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from grpo_min.optim import make_optimizer
 
-RECIPE_VERSION = 2  # bump when anything below changes what gets built
+RECIPE_VERSION = 3  # bump when anything below changes what gets built
 WARM_START = dict(steps=400, batch_size=32, learning_rate=2e-3, warmup_steps=20, loose_pad=0.3)
 IMAGE_PIXELS = 112 * 112  # the processor resizes every image to at most this many pixels
 

@@ -55,9 +55,20 @@ def test_phrase_alone_cannot_pin_the_box():
 
 
 # ---------------------------------------------------------------------------------------------- prompts
-def test_templates_and_custom_template(tmp_path):
-    assert "region of the image you name" in render_question("x", CHAIN_OF_BOX)
-    assert "region of the image you name" not in render_question("x", PLAIN)
+def test_templates_are_the_papers_character_for_character(tmp_path):
+    """chain-of-box: the paper's figure (title.png); plain: the released code; the question: every released log."""
+    question = ("Please provide the bounding box coordinate of the region this sentence describes: small left apical "
+                "pneumothorax.")
+    assert render_question("small left apical pneumothorax", CHAIN_OF_BOX) == (
+        question + " First output the thinking process in <think> </think> tags and then output the final answer in "
+        "<answer> </answer> tags. In the <think> section, generate a step-by-step reasoning process. If you identify "
+        "a region of interest, append its bounding box in the format [x1, y1, x2, y2]. Output the final answer in "
+        "JSON format.")
+    assert render_question("small left apical pneumothorax", PLAIN) == (
+        question + " First output the thinking process in <think> </think> tags and then output the final answer in "
+        "<answer> </answer> tags. Output the final answer in JSON format.")
+    assert render_question(" small left apical pneumothorax. ", PLAIN) == render_question(
+        "small left apical pneumothorax", PLAIN)  # one final full stop, whatever the phrase brought
     custom = tmp_path / "t.txt"
     custom.write_text('Answer as {"bbox_2d": [..]}. {question}')
     assert load_template(str(custom)).format(question="Q?") == 'Answer as {"bbox_2d": [..]}. Q?'
@@ -351,6 +362,10 @@ def test_two_step_training_run(tiny_model_dir, tmp_path):
         assert 0.0 <= line["reward/semantic"] <= 1.0  # the semantic reward runs inside the loop (synthetic default)
         assert line["completion_tokens"] > 0 and np.isfinite(line["loss"]) and line["grad_norm"] > 0
     assert lines[1]["kl"] > 0  # the policy has moved away from the reference
+    # --num-iterations 2: one rollout serves both steps (updates). The first update is on-policy (ratio 1:
+    # nothing clipped); the second sees the ratio the first one moved, and clips some tokens.
+    assert lines[0]["reward"] == lines[1]["reward"] and lines[0]["completion_tokens"] == lines[1]["completion_tokens"]
+    assert lines[0]["clip_fraction"] == 0.0 and lines[1]["clip_fraction"] > 0
     assert "eval/acc@0.5" in lines[-1] and "eval/miou" in lines[-1]
     summary = json.loads((out_dir / "summary.json").read_text())
     assert {"before", "after", "wall_s"} <= summary.keys() and summary["after"]["n"] == 4
@@ -524,7 +539,7 @@ def test_changing_the_prompt_texts_asks_for_a_new_tiny_recipe():
     from grpo_min.prompts import QUESTION, TEMPLATES
 
     fingerprint = hashlib.sha256(json.dumps([QUESTION, sorted(TEMPLATES.items())]).encode()).hexdigest()[:12]
-    assert (tiny.RECIPE_VERSION, fingerprint) == (2, "02806430ebff")
+    assert (tiny.RECIPE_VERSION, fingerprint) == (3, "c7a27a7e691c")
 
 
 def test_a_concurrent_build_of_the_same_cached_model_is_harmless(tmp_path, monkeypatch):

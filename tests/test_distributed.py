@@ -54,6 +54,7 @@ def straight(model_dir, out, nproc):
         env={"GRPO_MIN_TEST_TRACE": str(out.with_name(out.name + "-trace"))})  # what each rank trained on
     # Every step had a gradient and the weights moved: the resume tests compare weights that changed.
     assert all(l["grad_norm"] > 0 and l["frac_zero_std"] < 1 for l in metrics(out))
+    assert all(l["clip_fraction"] == 0 for l in metrics(out))  # one update per rollout: the ratio is exactly 1
     assert max_diff(weights(model_dir), weights(out / "final")) > 1e-3
     return out
 
@@ -390,3 +391,23 @@ def test_memory_options_run(tiny_model_dir, tmp_path):
     start, end = weights(tiny_model_dir), weights(out / "final")
     assert all(torch.equal(start[k], end[k]) for k in start if "visual" in k)  # the vision tower stayed frozen
     assert not all(torch.equal(start[k], end[k]) for k in start if "visual" not in k)  # (the rest trained)
+
+
+def test_num_iterations_counts_updates_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """--num-iterations 2: one rollout serves two steps (optimizer updates, as TRL counts them); --max-steps,
+    the warm-up and the schedule count updates; checkpoints fall at the end of a rollout, and a run resumed
+    from one repeats the uninterrupted run exactly."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    options = ("--num-iterations", "2", "--max-steps", "4", "--warmup-steps", "4")
+    run(small_run(tiny_model_dir, first, *options, "--save-steps", "2", "--save-total-limit", "3"))
+    lines = metrics(first)
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    assert [l["lr"] for l in lines] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # warm-up over 4 updates
+    assert lines[0]["reward"] == lines[1]["reward"] and lines[2]["reward"] == lines[3]["reward"]  # shared rollouts
+    assert lines[1]["reward"] != lines[2]["reward"]
+    assert lines[0]["clip_fraction"] == 0 and lines[1]["clip_fraction"] > 0  # on-policy, then off by one update
+    state = json.loads((first / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["data_position"] == 2  # one rollout of 2 prompts so far
+    run(small_run(tiny_model_dir, resumed, *options, "--resume", str(first / "checkpoint-2")))
+    assert max_diff(weights(first / "final"), weights(resumed / "final")) == 0.0
+    assert [without_timing(l) for l in lines[2:]] == [without_timing(l) for l in metrics(resumed)]
