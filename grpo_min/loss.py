@@ -54,7 +54,8 @@ def grpo_loss(logps, old_logps, advantages, mask, *, ref_logps=None, beta=0.0, e
 
     logps, old_logps, ref_logps: (B, T) log-probs of the sampled tokens under the current, the sampling
     and the reference policy; advantages: (B,); mask: (B, T), 1 on completion tokens (bool/int/float).
-    Padded positions are multiplied by 0, so their values do not matter (as long as no inf/NaN arises).
+    Padded positions (mask 0) are set to log-prob 0 in all three before anything else, so their values
+    do not matter, not even -inf or a gap whose exp() overflows.
     epsilon_high=None means epsilon; max_completion_length=None means T (only `dr_grpo` uses it);
     num_items_in_batch (only `dapo`) is the number of completion tokens in the whole global batch,
     None means mask.sum(); under DDP, which averages gradients over ranks, pass it divided by the world
@@ -79,6 +80,14 @@ def grpo_loss(logps, old_logps, advantages, mask, *, ref_logps=None, beta=0.0, e
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     mask = mask.to(logps.dtype)  # (B, T)
     adv = advantages.to(logps.dtype).unsqueeze(1)  # (B, 1)
+    # Positions after EOS hold real log-probs of the pad token. Multiplying their loss by 0 afterwards is
+    # not enough: exp(ref - logp) or the ratio can overflow there, and inf x 0 = NaN voids the whole update.
+    # As in TRL (log-prob 0 where the label is padding), zero them first: ratio 1 and KL 0 there.
+    padding = mask == 0  # (B, T)
+    logps = logps.masked_fill(padding, 0.0)  # (B, T)  no gradient reaches padded positions
+    old_logps = old_logps.masked_fill(padding, 0.0)  # (B, T)
+    if ref_logps is not None:
+        ref_logps = ref_logps.masked_fill(padding, 0.0)  # (B, T)
 
     ratio = torch.exp(logps - old_logps)  # (B, T)  (2): rho = pi_theta / pi_old
     clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)  # (B, T)  (3): clip(rho, ...)

@@ -7,8 +7,9 @@ described finding should earn more than one that lands on nothing. Our definitio
            padded to a square with black (the processor's centre crop would cut elongated findings)
     R_semantic = clip(cos(image_tower(crop), text_tower(phrase)), 0, 1)
 
-computed by a frozen dual encoder, for all completions of a step in ONE batched image forward (plus
-one text forward per phrase not seen before: phrase embeddings are cached).
+computed by a frozen dual encoder: one image forward per crop and one text forward per phrase not
+seen before (phrase embeddings are cached), each alone and on one CPU thread, so that a completion's
+reward depends on that completion only, not on the others scored in its step (see ``embed_images``).
 
 ``SemanticScorer`` wraps any transformers dual encoder saved in a folder (``CLIPModel``, ``SiglipModel``;
 e.g. PubMedCLIP) through ``AutoModel`` + ``AutoProcessor``. The demo's scorer, a tiny CLIP trained on
@@ -36,7 +37,8 @@ def one_thread():
 
     The scorer's ops are tiny (64 crops of 37 tokens, width 64): a second thread gains little, and
     when the CPU is shared, threads waiting on each other made them 10-30x slower (measured on 2
-    busy cores: ``score`` 0.4-0.5 s on 2 threads, 0.03 s on 1).
+    busy cores: ``score`` 0.4-0.5 s on 2 threads, 0.03 s on 1). One thread also fixes how each
+    reduction is split, so a result does not depend on the thread count its caller runs with.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -140,39 +142,52 @@ class SemanticScorer:
 
     @torch.inference_mode()
     def embed_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """(N, D) unit vectors, one batched forward.
+        """(N, D) unit vectors, each image through the image tower alone.
 
-        The crops are resized to one size, so nothing is padded: a crop's embedding does not depend on
-        the other crops (its last bits only on how many there are, and a step's crops are the same
-        when a run is resumed).
+        An image's embedding is a function of that image only: each one is preprocessed and embedded
+        on its own, in a forward of the same shape (1, 3, H, W) every time, on one CPU thread. In one
+        batched forward its last bits depended on the batch size (a matrix kernel is chosen, and its
+        sums are split, by the matrix's size: 1 crop vs 2 moved an embedding by ~5e-8 on an Intel
+        Xeon), and the batch is the number of eligible completions, which changes from step to step.
+        A fixed-size padded batch would not do: a crop's row could still land in a kernel's edge
+        block or an elementwise op's scalar tail depending on its position. The cost, on one thread of
+        a lightly loaded Xeon: the tiny scorer's forwards of 64 crops take ~45 ms instead of ~17 ms,
+        about 4% of a demo step (0.65-0.85 s); a real CLIP's forwards are dominated by arithmetic.
         """
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]  # (N, 3, H, W)
-        pixels = pixels.to(self.device, self.model.dtype)
-        return self._embedding(self.model.get_image_features(pixel_values=pixels))
+        with one_thread():
+            # disable_grouping: torchvision-backed processors would otherwise resize same-sized images
+            # stacked together, so an image's pixels could depend on which images it came with.
+            pixels = self.processor(images=images, return_tensors="pt", disable_grouping=True)["pixel_values"]
+            return torch.cat([self._embedding(self.model.get_image_features(  # (1, D) per image
+                pixel_values=image[None].to(self.device, self.model.dtype))) for image in pixels])  # (N, D)
 
     @torch.inference_mode()
     def embed_phrases(self, phrases: list[str]) -> torch.Tensor:
         """(P, D) unit vectors; phrases not seen before go through the text tower one at a time.
 
-        One at a time, not in a padded batch: a batch's padding and shape change the float rounding
-        of each row (about 3e-8), so a cached embedding would depend on which phrases it was first
-        embedded with, and a run resumed with an empty cache would drift from an uninterrupted one.
-        Phrases are few and cached, so this costs little.
+        One at a time, not in a padded batch, and on one CPU thread: a batch's padding and shape, or
+        another thread count, change the float rounding of each row (about 3e-8), so a cached
+        embedding would depend on which phrases it was first embedded with, and a run resumed with an
+        empty cache would drift from an uninterrupted one. Phrases are few and cached, so this costs little.
         """
         new = sorted(set(phrases) - self._phrase_cache.keys())
         if new and len(self._phrase_cache) + len(new) > 10_000:  # a real dataset's phrases are mostly unique:
             self._phrase_cache.clear()  # start over, and embed every phrase of this batch
             new = sorted(set(phrases))
-        for phrase in new:
-            enc = self.processor(text=[phrase], padding=self.padding, truncation=True, return_tensors="pt")
-            inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            self._phrase_cache[phrase] = self._embedding(self.model.get_text_features(**inputs))[0]  # (D,)
-        return torch.stack([self._phrase_cache[p] for p in phrases])
+        with one_thread():
+            for phrase in new:
+                enc = self.processor(text=[phrase], padding=self.padding, truncation=True, return_tensors="pt")
+                inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+                self._phrase_cache[phrase] = self._embedding(self.model.get_text_features(**inputs))[0]  # (D,)
+        return torch.stack([self._phrase_cache[p] for p in phrases])  # (P, D)
 
     def similarity(self, images: list[Image.Image], phrases: list[str]) -> torch.Tensor:
-        """Cosine similarity of each image with its phrase, (N,) in [-1, 1]."""
-        with one_thread():
-            return (self.embed_images(images) * self.embed_phrases(phrases)).sum(-1)
+        """Cosine similarity of each image with its phrase, (N,) in [-1, 1].
+
+        Each pair's dot product is its own (D,) sum, so it too depends on that pair alone.
+        """
+        image_vectors, phrase_vectors = self.embed_images(images), self.embed_phrases(phrases)  # (N, D) each
+        return torch.stack([(a * b).sum() for a, b in zip(image_vectors, phrase_vectors)])  # (N,)
 
     def score(self, completions: list[str], targets: list, eligible: list[bool]) -> tuple[torch.Tensor, dict]:
         """R_semantic of N completions, (N,) float32 on CPU, and counts for the log.

@@ -60,7 +60,8 @@ def test_iou_never_nan_nor_above_one():
     huge = (0.0, 0.0, 1e308, 1e308)  # areas overflow to inf
     assert iou(huge, huge) == 0.0
     assert iou((0, 0, 1e200, 1e200), (0, 0, 1, 1)) == pytest.approx(0.0)
-    assert iou((0.1, 0.2, 0.7, 0.9), (0.1, 0.2, 0.7, 0.9)) <= 1.0
+    for box in [(0.1, 0.2, 0.7, 0.9), (3, 7, 1e6 + 0.3, 2e6 + 0.1), (0, 0, 1e150, 1e150)]:
+        assert iou(box, box) == 1.0, box  # a box on itself: exactly 1, neither above nor (overflow guard) 0
     assert isinstance(iou([0, 0, 2, 2], [1, 1, 3, 3]), float)
 
 

@@ -8,8 +8,10 @@ import pytest
 from PIL import Image
 
 import evaluate
+from data import load_dataset
 from evaluate import compare_table, load_predictions, metrics_of, row_from_record
-from grpo_min.boxes import iou
+from grpo_min.boxes import from_model_frame, iou, parse_answer
+from grpo_min.models import load_model
 
 TRUTH = [0, 0, 10, 10]
 
@@ -260,7 +262,19 @@ def test_draw_prediction_size(tmp_path):
 TINY = ["--max-pixels", "12544", "--max-new-tokens", "48"]  # keep the tiny processor's 112 x 112 input
 
 
-def test_end_to_end_on_synthetic_test_split(tiny_model_dir, tmp_path, capsys):
+def test_end_to_end_on_synthetic_test_split(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The tests' 20-step model writes no readable box yet, so every other answer it generates is replaced,
+    after generation, by one with a known box (in the model's frame): what is checked on those rows is
+    evaluate's path from an answer to the stored box."""
+    real_generate = evaluate.generate_completions
+
+    def some_answers_with_boxes(*args, **kwargs):
+        rollout = real_generate(*args, **kwargs)
+        known = lambda i: f"<think>x</think><answer>[{3 + i},{40 - i},{61 + 2 * i},{97 - i}]</answer>"  # noqa: E731
+        rollout.texts = [known(i) if i % 2 else text for i, text in enumerate(rollout.texts)]
+        return rollout
+
+    monkeypatch.setattr(evaluate, "generate_completions", some_answers_with_boxes)
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(tiny_model_dir), "--dataset", "synthetic", "--split", "test", "--limit",
                           "8", "--batch-size", "4", "--save-vis", "4", "--output-dir", str(out), *TINY]) == 0
@@ -269,9 +283,22 @@ def test_end_to_end_on_synthetic_test_split(tiny_model_dir, tmp_path, capsys):
 
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
+    # The stored box is the answer's box mapped from the model's frame (the processor's resized image)
+    # to original pixels, rounded to 0.01 px.
+    _, processor, frame = load_model(tiny_model_dir, max_pixels=12544)
+    samples = {s.id: s for s in load_dataset("synthetic", "test", limit=8)}
     for r in rows:
         assert {"id", "phrase", "category", "ground_truth", "output", "box", "iou"} <= r.keys()
-        assert r["iou"] == iou(r["box"], r["ground_truth"])  # boxes and truth share original pixels
+        s = samples[r["id"]]
+        assert r["ground_truth"] == list(s.box)
+        answer = parse_answer(r["output"])
+        assert (r["box"] is None) == (answer is None), r
+        if answer is not None:
+            _, h, w = processor.image_processor(images=[s.load_image()], return_tensors="pt")["image_grid_thw"][0]
+            resized = (int(w) * processor.image_processor.patch_size, int(h) * processor.image_processor.patch_size)
+            assert resized != (s.width, s.height)  # the frames differ, so a box left unmapped would show
+            assert r["box"] == pytest.approx(from_model_frame(answer, (s.width, s.height), resized, frame), abs=0.005)
+    assert sum(r["box"] is not None for r in rows) >= 4, [r["output"] for r in rows]
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["dataset"], metrics["split"], metrics["model"]) == ("synthetic", "test", str(tiny_model_dir))
     assert {k: metrics[k] for k in metrics_of(rows)} == metrics_of(rows)

@@ -158,6 +158,34 @@ def test_masked_tokens_have_no_effect(loss_type):
     assert wild[1][0, 3].item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_padding_whose_exp_overflows_leaves_the_loss_finite_and_unchanged(loss_type, dtype):
+    """Positions after EOS hold real log-probs of the pad token, and their gaps can be huge: exp(ref - logp)
+    or the ratio overflows there, and inf x 0 (the mask) would make the loss and every gradient NaN, so
+    the whole update would be skipped. The loss must equal, bitwise, the loss with those positions all 0."""
+    logps, old_logps, _, mask = hand_inputs()
+    pad = torch.zeros(2, 1, dtype=F64)  # a fifth token, padding in both rows
+    logps, old_logps, mask = (torch.cat([t.detach(), pad], 1).to(dtype) for t in (logps, old_logps, mask))
+    ref = logps - 0.3
+    padding = mask == 0  # (0, 3), (0, 4) and (1, 4)
+    zeroed = [t.masked_fill(padding, 0.0) for t in (logps, old_logps, ref)]
+    wild = [t.clone() for t in (logps, old_logps, ref)]
+    for t, value in zip(wild, (-1e4, 0.0, 0.0)):  # KL: exp(ref - logp) = exp(1e4) = inf
+        t[0, 3] = value
+    for t, value in zip(wild, (0.0, -1e4, 0.0)):  # ratio exp(logp - old) = inf, with A < 0: loss +inf
+        t[1, 4] = value
+    for t in wild:
+        t[0, 4] = -math.inf
+    advantages = torch.tensor(ADVANTAGES, dtype=dtype)
+    (loss, grad, stats), (wild_loss, wild_grad, wild_stats) = (
+        loss_and_grad(lp.requires_grad_(True), old, advantages, mask, ref_logps=rf, beta=0.04, loss_type=loss_type)
+        for lp, old, rf in (zeroed, wild))
+    assert torch.isfinite(wild_loss) and torch.isfinite(wild_grad).all(), (wild_loss, wild_grad)
+    assert torch.equal(wild_loss, loss) and torch.equal(wild_grad, grad) and wild_stats == stats
+    assert (wild_grad[padding] == 0).all() and (wild_grad[~padding] != 0).any()
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.float32])
 def test_mask_dtypes(dtype):
     logps, old_logps, advantages, mask = hand_inputs()
@@ -241,7 +269,8 @@ def test_advantages_bad_arguments():
 
 
 def test_docstring_examples():
-    assert doctest.testmod(grpo_min.loss).failed == 0
+    result = doctest.testmod(grpo_min.loss)
+    assert result.attempted > 0 and result.failed == 0
 
 
 # TRL's numbers: see scripts/make_trl_golden.py for the settings under which TRL computes docs/METHOD.md's loss.
