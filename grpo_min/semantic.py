@@ -197,7 +197,7 @@ class SemanticScorer:
         ``MIN_SIDE`` or outside the image score 0 and count in ``semantic_invalid_boxes``.
         """
         scores = torch.zeros(len(completions))
-        crops, phrases, rows = [], [], []
+        crops, crop_of, phrases, rows = [], {}, [], []  # crop_of: (image, box) -> its index in crops
         for i, (text, target, ok) in enumerate(zip(completions, targets, eligible)):
             if not ok:
                 continue
@@ -206,10 +206,17 @@ class SemanticScorer:
                 continue
             if target.image is None:
                 raise ValueError("the semantic reward needs Target.image (the original image)")
-            crops.append(crop_to_square(target.image, box))
+            # A group's completions often agree on a box: each distinct crop is embedded once (each crop is
+            # embedded alone anyway, so sharing changes no bit of the result).
+            if (id(target.image), box) not in crop_of:
+                crop_of[id(target.image), box] = len(crops)
+                crops.append(crop_to_square(target.image, box))
             phrases.append(target.phrase)
-            rows.append(i)
+            rows.append((i, crop_of[id(target.image), box]))
         if rows:
-            scores[rows] = self.similarity(crops, phrases).clamp(0.0, 1.0)
+            image_vectors = self.embed_images(crops)[[c for _, c in rows]]  # (R, D)
+            phrase_vectors = self.embed_phrases(phrases)  # (R, D)
+            cosines = torch.stack([(a * b).sum() for a, b in zip(image_vectors, phrase_vectors)])  # (R,) pair by pair
+            scores[[i for i, _ in rows]] = cosines.clamp(0.0, 1.0)
         details = {"semantic_scored": len(rows), "semantic_invalid_boxes": sum(map(bool, eligible)) - len(rows)}
         return scores, details
