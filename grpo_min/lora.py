@@ -152,7 +152,10 @@ def adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 def save_adapter(folder, model: nn.Module, base_model_name_or_path: str, state_dict: dict | None = None):
     """Write ``folder/adapter_config.json`` and ``adapter_model.safetensors`` as peft does (rank 0 only).
 
-    ``state_dict`` (default ``model.state_dict()``) lets FSDP pass the gathered full state dict.
+    ``model``: the LoRA model itself (``dist.unwrap`` it under DDP). ``state_dict`` (default
+    ``model.state_dict()``): under FSDP, the gathered ``get_model_state_dict(model, options=
+    StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))``, which
+    holds just the adapters.
     """
     from safetensors.torch import save_file
 
@@ -179,16 +182,17 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
 
     folder = Path(folder)
     cfg = json.loads((folder / CONFIG_FILE).read_text())
-    unsupported = {k: cfg.get(k) for k in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern",
-                                           "alpha_pattern", "modules_to_save", "layers_to_transform") if cfg.get(k)}
+    unsupported = {k: cfg.get(k) for k in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+                                           "modules_to_save", "layers_to_transform", "target_parameters") if cfg.get(k)}
     if cfg.get("peft_type") != "LORA" or cfg.get("bias", "none") != "none" or unsupported:
         raise ValueError(f"{folder}: only plain LoRA adapters load here (peft_type LORA, bias none); this one has "
                          f"peft_type={cfg.get('peft_type')!r} bias={cfg.get('bias')!r} {unsupported or ''}")
     if not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (adapters in pickle files are not read)")
     if not lora_layers(model):
-        if not isinstance(cfg["target_modules"], list):
-            raise ValueError(f"{folder}: target_modules must be a list of names, got {cfg['target_modules']!r}")
+        if not isinstance(cfg["target_modules"], list) or not isinstance(cfg.get("exclude_modules") or "", str):
+            raise ValueError(f"{folder}: expected target_modules as a list of names and exclude_modules as null or one "
+                             f"regex; got {cfg['target_modules']!r} and {cfg.get('exclude_modules')!r}")
         _wrap(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"],
               cfg.get("exclude_modules"))
     settings = {(m.r, m.lora_alpha) for m in lora_layers(model).values()}
