@@ -194,6 +194,8 @@ def iou(a: Box | None, b: Box | None) -> float:
         return 0.0
     intersection = overlap_w * overlap_h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - intersection
+    if not union > 0:  # areas of tiny boxes (sides ~1e-300) underflow to 0
+        return 0.0
     value = intersection / union
     # Boxes near the float limit overflow to inf/inf = NaN; rounding may overshoot 1 a hair.
     return float(min(value, 1.0)) if math.isfinite(value) else 0.0

@@ -63,6 +63,8 @@ def test_iou_never_nan_nor_above_one():
     for box in [(0.1, 0.2, 0.7, 0.9), (3, 7, 1e6 + 0.3, 2e6 + 0.1), (0, 0, 1e150, 1e150)]:
         assert iou(box, box) == 1.0, box  # a box on itself: exactly 1, neither above nor (overflow guard) 0
     assert isinstance(iou([0, 0, 2, 2], [1, 1, 3, 3]), float)
+    tiny = (1e-300, 0.0, 3e-300, 1e-300)  # its area underflows to 0: a score of 0, not a ZeroDivisionError
+    assert iou(tiny, tiny) == 0.0
 
 
 # ---- Accuracy and summary ----------------------------------------------------------------------
