@@ -259,11 +259,11 @@ def train(cfg: Config, preemption: Preemption):
     # By epochs: the prompts left to see, in rollouts of this run's size (which may differ from the checkpoint's).
     total_steps = cfg.max_steps or origin[0] + mu * math.ceil((cfg.num_train_epochs * len(train_set) - origin[1])
                                                               / per_rollout)
-    dist.print0(banner(cfg, model_path=model_path, parameters=sum(p.numel() for p in policy.parameters()),
-                       frame=frame, splits=(train_set, val_set, test_set), semantic_path=semantic_path,
-                       total_steps=total_steps))
+    parameters = sum(p.numel() for p in policy.parameters())
     policy = dist.wrap(policy, fsdp=cfg.fsdp)
     reference = dist.wrap(reference, fsdp=True) if reference is not None and cfg.fsdp else reference
+    dist.print0(banner(cfg, model_path=model_path, parameters=parameters, frame=frame, policy=policy,
+                       splits=(train_set, val_set, test_set), semantic_path=semantic_path, total_steps=total_steps))
     if cfg.fsdp:  # FSDP2 must see one forward through the root before generation calls submodules directly
         first = train_set[0]
         warm = encode_prompts(processor, [first.load_image()], [first.text], template, device=device)

@@ -89,7 +89,7 @@ def parse_options(config_class, argv=None, description: str = ""):
     return config
 
 
-def banner(cfg, *, model_path, parameters: int, frame: str, splits, semantic_path, total_steps: int) -> str:
+def banner(cfg, *, model_path, parameters: int, frame: str, policy, splits, semantic_path, total_steps: int) -> str:
     """The start-up block every run prints: what is trained, on what, rewarded how, with which settings."""
     ranks = dist.world_size()
     prompts = ranks * cfg.batch_size * cfg.gradient_accumulation_steps
@@ -113,6 +113,7 @@ def banner(cfg, *, model_path, parameters: int, frame: str, splits, semantic_pat
                  f", epsilon {cfg.epsilon:g}, loss {cfg.loss_type}"),
         ("optimizer", f"AdamW lr {cfg.learning_rate:g} ({cfg.warmup_steps} warm-up steps, then {cfg.lr_scheduler}), "
                       f"weight decay {cfg.weight_decay:g}, clip {cfg.max_grad_norm:g}"),
+        ("parallel", f"{type(policy).__name__} on {ranks} rank(s)"),
         ("output", cfg.output_dir),
     ]
     return "\n".join(f"  {k:<9} {v}" for k, v in lines)
