@@ -15,7 +15,6 @@ Shapes: B prompts, G completions each, P prompt tokens (left-padded), T completi
 from __future__ import annotations
 
 import inspect
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -106,51 +105,45 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
     if compile_generation and synced_gpus:
         raise ValueError("compile_generation does not combine with FSDP (synced_gpus): FSDP gathers weights "
                          "inside each forward, which a CUDA graph cannot replay")
-    ids = special_token_ids(processor)
+    ids, G = special_token_ids(processor), num_generations
     penalty = _checkpoint_repetition_penalty(model) if greedy else 1.0
     was_training = model.training
     model.eval()
     try:
-        completion_ids = _decode(model, prompts, ids, num_generations, max_new_tokens, temperature, greedy, penalty,
-                                 synced_gpus, compile_generation)  # (B*G, T)
+        # 1. Each prompt once; the logits of its last position predict completion token 0 of its G rows.
+        logits, cache, next_position = _prompt_pass(model, prompts, G)  # (N, V), N = B*G rows; cache; (N,)
+        N, V, device = *logits.shape, logits.device
+        step = (_static_step if compile_generation else _dynamic_step)(model, cache, prompts, G, max_new_tokens)
+        never = torch.zeros(V, device=device).index_fill(0, torch.tensor(ids["never"], device=device), -torch.inf)
+        eos = torch.tensor(ids["eos"], device=device)
+        seen = _prompt_tokens(prompts, G, V) if penalty != 1.0 else None  # (N, V) bool, for the penalty
+        done = torch.zeros(N, dtype=torch.bool, device=device)  # rows that have emitted EOS
+        chosen = []
+        # 2. One token per step for all N rows; finished rows get padding.
+        for t in range(max_new_tokens):
+            scores = logits.float()  # (N, V)
+            if seen is not None:  # as HF's RepetitionPenaltyLogitsProcessor: seen tokens' logits move toward -inf
+                scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+            # The whole vocabulary but the never-emitted tokens, as token_logps scores it: no top-k, no top-p.
+            scores = scores / temperature + never  # (N, V)
+            token = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(-1)  # (N,)
+            token = token.masked_fill(done, ids["pad"])
+            chosen.append(token)
+            done |= torch.isin(token, eos)
+            if seen is not None:
+                seen[torch.arange(N, device=device), token] = True
+            if t + 1 == max_new_tokens or _every_rank_done(bool(done.all()), synced_gpus, device):
+                break
+            logits = step(token, next_position + t, t)  # (N, V): what follows completion token t
     finally:
         model.train(was_training)
+    completion_ids = torch.stack(chosen, dim=1)  # (B*G, T)
     mask = completion_mask_from_ids(completion_ids, ids["eos"])  # (B*G, T)
     longest = int(mask.sum(1).max())  # under synced_gpus a rank that waited for the others added only padding
     completion_ids, mask = completion_ids[:, :longest], mask[:, :longest]
     completion_ids = completion_ids.masked_fill(mask == 0, ids["pad"])
     texts = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(prompts, completion_ids, mask, texts, num_generations)
-
-
-def _decode(model, prompts: PromptBatch, ids: dict, G: int, max_new_tokens: int, temperature: float, greedy: bool,
-            penalty: float, synced_gpus: bool, compile_generation: bool) -> torch.Tensor:
-    """The sampling loop of ``generate_completions``: token ids (B*G, T), padding after each row's EOS."""
-    # 1. Each prompt once; the logits of its last position predict completion token 0 of all G rows.
-    logits, cache, next_position = _prompt_pass(model, prompts, G)  # (N, V), KV cache of N rows, (N,); N = B*G
-    N, V, device = *logits.shape, logits.device
-    step = (_static_step if compile_generation else _dynamic_step)(model, cache, prompts, G, max_new_tokens)
-    blocked = torch.zeros(V, device=device).index_fill(0, torch.tensor(ids["never"], device=device), float("-inf"))
-    eos = torch.tensor(ids["eos"], device=device)
-    seen = _prompt_tokens(prompts, G, V) if penalty != 1.0 else None  # (N, V) bool, for the repetition penalty
-    done = torch.zeros(N, dtype=torch.bool, device=device)  # rows that have emitted EOS
-    chosen = []
-    # 2. One token per step for all N rows. Finished rows receive padding, which the mask drops later.
-    for t in range(max_new_tokens):
-        scores = logits.float()  # (N, V)
-        if seen is not None:  # as HF's RepetitionPenaltyLogitsProcessor: seen tokens' logits shrink toward -inf
-            scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-        scores = scores / temperature + blocked  # the never-emitted tokens at -inf, as in token_logps
-        token = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(-1)  # (N,)
-        token = token.masked_fill(done, ids["pad"])
-        chosen.append(token)
-        done |= torch.isin(token, eos)
-        if seen is not None:
-            seen[torch.arange(N, device=device), token] = True
-        if t + 1 == max_new_tokens or _every_rank_done(bool(done.all()), synced_gpus, device):
-            break
-        logits = step(token, next_position + t, t)  # (N, V): the logits after completion token t
-    return torch.stack(chosen, dim=1)  # (N, T)
 
 
 def _every_rank_done(done_here: bool, synced_gpus: bool, device) -> bool:
@@ -174,12 +167,13 @@ def _dynamic_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: in
     padding masked) and its earlier completion tokens; its keys and values join the cache.
     """
     attention_mask = prompts.inputs["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
+    cache_name = _cache_argument(model)
 
     def step(token, position, t):
         nonlocal attention_mask
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)  # (N, P+t+1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, use_cache=True,
-                    position_ids=position.view(1, -1, 1).expand(3, -1, -1), **{_cache_argument(model): cache})
+                    position_ids=position.view(1, -1, 1).expand(3, -1, -1), **{cache_name: cache})
         return out.logits[:, -1]  # (N, V)
 
     return step
@@ -216,12 +210,14 @@ def _static_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int
     def step(token, position, t):
         attention_mask[:, P + t] = 1
         torch.compiler.cudagraph_mark_step_begin()  # the last step's logits were consumed: their memory is free
-        return forward(token[:, None], position.view(1, -1, 1).expand(3, -1, -1), attention_mask).clone()  # (N, V)
+        return forward(token[:, None], position.view(1, -1, 1).repeat(3, 1, 1), attention_mask).clone()  # (N, V)
 
     return step
 
 
-_STATIC_STEPS = weakref.WeakKeyDictionary()  # model -> {(rows, cache length, dtype, device, autocast): (cache, step)}
+# model -> {(rows, cache length, dtype, device, autocast): (cache, compiled step)}, for the life of the process
+# (one policy per run).
+_STATIC_STEPS: dict = {}
 
 
 def _prompt_tokens(prompts: PromptBatch, G: int, vocab_size: int) -> torch.Tensor:
