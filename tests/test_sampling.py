@@ -44,9 +44,12 @@ def qwen2_vl_folder(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module", params=["qwen2.5-vl warm-started", "qwen2-vl random"])
-def model_and_processor(request, tiny_model_dir, tmp_path_factory):
-    """The warm-started tiny Qwen2.5-VL (its completions end at EOS, at different steps) and a random Qwen2-VL."""
-    folder = tiny_model_dir if request.param.startswith("qwen2.5") else qwen2_vl_folder(tmp_path_factory.mktemp("q2"))
+def model_and_processor(request, tmp_path_factory):
+    """The warm-started tiny Qwen2.5-VL (conftest's, built once per session) and a random Qwen2-VL."""
+    if request.param.startswith("qwen2.5"):
+        folder = request.getfixturevalue("tiny_model_dir")
+    else:
+        folder = qwen2_vl_folder(tmp_path_factory.mktemp("qwen2-vl"))
     model, processor, _ = load_model(folder)
     return model.eval(), processor
 
@@ -139,10 +142,10 @@ def test_sampling_with_a_seed_is_reproducible(model_and_processor):
     assert not torch.equal(sample(1), first)
 
 
-def test_the_static_cache_path_gives_the_dynamic_paths_tokens(model_and_processor, monkeypatch):
-    """compile_generation's static-shape cache and decode step, run here without compiling (torch.compile
-    replaced by the identity; CUDA graphs need a GPU): the same greedy tokens as the growing cache, for
-    two batches in a row that share one kept cache, which must be reset in between."""
+def test_the_compiled_decoding_layout_gives_the_same_tokens(model_and_processor, monkeypatch):
+    """compile_generation's decoding, run here without compiling (torch.compile replaced by the identity;
+    CUDA graphs need a GPU): its longer cache (rounded up to 256 slots), kept per model and shape and
+    reused by two batches in a row (so it must be reset in between), gives the default path's greedy tokens."""
     model, processor = model_and_processor
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     batches = [two_prompts(processor), encode_prompts(processor, [data.synthetic_sample(5, "val").load_image()] * 2,
@@ -151,7 +154,7 @@ def test_the_static_cache_path_gives_the_dynamic_paths_tokens(model_and_processo
         kw = dict(num_generations=1, max_new_tokens=48, greedy=True)
         static = generate_completions(model, processor, prompts, compile_generation=True, **kw).completion_ids
         assert torch.equal(static, generate_completions(model, processor, prompts, **kw).completion_ids)
-    assert len(rollout._STATIC_STEPS[model]) == 1  # one cache and step for both batches (same rows, same bucket)
+    assert len(rollout._COMPILED[model]) == 1  # one cache and step for both batches (same rows, same length)
 
 
 def test_a_checkpoint_default_that_greedy_decoding_would_ignore_is_refused(model_and_processor, monkeypatch):
