@@ -1,7 +1,7 @@
 """Sampling speed: grpo_min's decoding loop against plain HF ``generate``, per generated token.
 
     .venv/bin/python scripts/generation_speed.py                       # 34 M model at 224 px, tiny at 112/224/448
-    .venv/bin/python scripts/generation_speed.py --models tiny --sizes 224 --runs 3
+    .venv/bin/python scripts/generation_speed.py --models tiny --sizes 224 --runs 3 --threads 1
 
 Both sample G completions of one prompt (one S x S synthetic image, unresized) from the same
 random-weight model, in the same process, alternately (ours, HF, ours, HF, ...), after one warm-up
@@ -16,8 +16,9 @@ call each, and the table gives the median over the runs:
 A random model rarely emits EOS, and both stop only when all G rows have: the table gives the
 steps each took. "Per token" is the call's wall time divided by the G x steps tokens it produced.
 Models: "34m", random weights with Qwen2.5-VL's layout (text hidden 512, 8 layers, 8 heads, 2 KV
-heads, MLP 1024; vision hidden 384, depth 8, 6 heads, MLP 768), and "tiny", grpo_min.tiny's
-(random, not warm-started), both with the tiny model's tokenizer (a few hundred tokens).
+heads, MLP 1024; vision hidden 384, depth 8, 6 heads, MLP 768); "53m", the same with MLPs of 2048
+and 1536 (the benchmark's "50m"); "tiny", grpo_min.tiny's (random, not warm-started); all with the
+tiny model's tokenizer (a few hundred tokens).
 """
 from __future__ import annotations
 
@@ -46,16 +47,20 @@ from grpo_min.rollout import encode_prompts, generate_completions, special_token
 PHRASE = "small left apical pneumothorax"
 
 
-def model_34m(processor, seed: int = 0):
-    """Qwen2.5-VL with random weights: about 34 M parameters, most of them in decoder and vision blocks."""
+MLP_SIZES = {"34m": (1024, 768), "53m": (2048, 1536)}  # (text, vision) MLP widths; the rest is shared
+
+
+def random_model(name: str, processor, seed: int = 0):
+    """Qwen2.5-VL with random weights, most of them in decoder and vision blocks ("34m" or "53m")."""
     tok, tid = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids
+    text_mlp, vision_mlp = MLP_SIZES[name]
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+        text_config=dict(vocab_size=len(tok), hidden_size=512, intermediate_size=text_mlp, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32768,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
                          bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False),
-        vision_config=dict(depth=8, hidden_size=384, intermediate_size=768, num_heads=6, out_hidden_size=512,
+        vision_config=dict(depth=8, hidden_size=384, intermediate_size=vision_mlp, num_heads=6, out_hidden_size=512,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[3, 7]),
         image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
@@ -114,13 +119,16 @@ def measure(model, processor, size: int, G: int, T: int, runs: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["34m", "tiny"], choices=["34m", "tiny"])
+    p.add_argument("--models", nargs="+", default=["34m", "tiny"], choices=["34m", "53m", "tiny"])
     p.add_argument("--sizes", nargs="+", type=int, default=None,
-                   help="image sizes in pixels, multiples of 28 (default: 224 for 34m; 112 224 448 for tiny)")
+                   help="image sizes in pixels, multiples of 28 (default: 112 224 448 for tiny, 224 for the others)")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=5, help="timed calls of each, alternating; the median is reported")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.split(":")[-1]
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {platform.node()}, CPU {cpu.strip() or platform.processor()}, "
@@ -131,9 +139,9 @@ def main():
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": widest}  # S x S stays unresized
     rows = []
     for name in args.models:
-        model = (model_34m(processor) if name == "34m" else tiny.build_model(processor, seed=0)).eval()
+        model = (tiny.build_model(processor, seed=0) if name == "tiny" else random_model(name, processor)).eval()
         n_params = sum(q.numel() for q in model.parameters()) / 1e6
-        for size in args.sizes or ([224] if name == "34m" else [112, 224, 448]):
+        for size in args.sizes or ([112, 224, 448] if name == "tiny" else [224]):
             row = {"model": name, "parameters_m": round(n_params, 2),
                    **measure(model, processor, size, args.num_generations, args.max_new_tokens, args.runs)}
             rows.append(row)
