@@ -99,9 +99,9 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
     checkpoint's repetition_penalty, as HF ``generate`` does for the released evaluation.
 
     ``synced_gpus``: under FSDP every rank steps until every rank's completions have ended.
-    ``compile_generation``: a static-shape KV cache and a decode step compiled with CUDA graphs
-    (``torch.compile(mode="reduce-overhead")``), for GPUs, where launching kernels one token at a
-    time costs more than the arithmetic; same tokens as the default path.
+    ``compile_generation``: the decode step compiled with CUDA graphs (``torch.compile(mode=
+    "reduce-overhead")``), for GPUs, where launching kernels one token at a time costs more than the
+    arithmetic; same tokens as the default path.
     """
     if compile_generation and synced_gpus:
         raise ValueError("compile_generation does not combine with FSDP (synced_gpus): FSDP gathers weights "
@@ -115,8 +115,9 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
         logits, cache, next_position = _prompt_pass(model, prompts, G)  # (N, V), N = B*G rows; cache; (N,)
         N, V, device = *logits.shape, logits.device
         step = _decode_step(model, cache, prompts, G, max_new_tokens, compiled=compile_generation)
-        never = torch.zeros(V, device=device).index_fill(0, torch.tensor(ids["never"], device=device), -torch.inf)
-        eos = torch.tensor(ids["eos"], device=device)
+        del cache  # copied into the step's own
+        never_ids, eos = (torch.tensor(ids[k], dtype=torch.long, device=device) for k in ("never", "eos"))
+        never = torch.zeros(V, device=device).index_fill(0, never_ids, -torch.inf)  # (V,): -inf where never emitted
         seen = _prompt_tokens(prompts, G, V) if penalty != 1.0 else None  # (N, V) bool, for the penalty
         done = torch.zeros(N, dtype=torch.bool, device=device)  # rows that have emitted EOS
         chosen = []
@@ -166,9 +167,9 @@ def _decode_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int
 
     Row n's completion token t goes in at its M-RoPE position (the same on all three axes), sees its
     prompt (left padding masked) and its earlier tokens, and its keys and values go to slot P + t of
-    a KV cache allocated once for P + max_new_tokens tokens (HF ``StaticCache``) after the prompt's,
-    copied into slots [0, P). Writing in place is cheaper than growing the cache by concatenation,
-    which copies it at every step (about 8% of a step on CPU for a 34 M model).
+    a KV cache allocated once for P + max_new_tokens tokens (HF ``StaticCache``), whose slots [0, P)
+    receive the prompt's. Writing in place is cheaper than growing the cache by concatenation, which
+    copies it at every step (about 8% of a step on CPU for a 34 M model).
     """
     prompt_mask = prompts.inputs["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
     (N, P), length = prompt_mask.shape, prompt_mask.shape[1] + max_new_tokens
