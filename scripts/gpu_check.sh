@@ -5,8 +5,8 @@
 #   bench    grpo_min vs TRL's GRPOTrainer (scripts/bench_vs_trl.py, which runs scripts/bench.py and
 #            scripts/trl_driver.py): 8 completions x 256 tokens, beta 0.04, 448 px images, 1 and 4
 #            prompts per step; tokens per second and peak GPU memory.
-#   compile  grpo_min again with --compile-generation (a static KV cache and a decode step replayed as a
-#            CUDA graph), same model folder and settings (scripts/bench.py directly), then one table:
+#   compile  grpo_min again with --compile-generation (each decode step replayed as one CUDA graph over a
+#            KV cache of fixed size), same model folder and settings (scripts/bench.py directly), then one table:
 #            ours without / with --compile-generation / TRL, from this section and the bench section.
 #   train    train.py for a few steps under torchrun on the one GPU, with DDP and with --fsdp (FSDP2):
 #            step time and peak GPU memory from metrics.jsonl.
@@ -16,8 +16,10 @@
 #                                                                           # decoding vs TRL, in one call
 #   OUT=runs/gpu_check SECTIONS=train bash scripts/gpu_check.sh
 #
-# Where one call may run 10 minutes at most, run "bench compile" and then "train" (bench about 5 minutes
-# and compile about 4 are estimates from the H200 runs of 2026-11-28, before compiled decoding existed).
+# Time (estimates: the H200 runs of 2026-11-28 predate compiled decoding): bench up to 5.5 minutes (its
+# timeout), compile about 1 minute per run plus compiling, once per run (never measured: the timeout allows
+# 200 s a run), train up to 4. Where one call may run 10 minutes, "bench compile" fits only if compiling
+# takes about a minute; otherwise run SECTIONS=bench, SECTIONS=compile and SECTIONS=train as three calls.
 # TRL is not part of the project: where the machine lacks it, put its wheels (and transformers 5.24.0,
 # datasets, dill, multiprocess) in .whl/ and they are installed into /tmp/site first.
 # Results go to $OUT: env.txt, bench.txt (its table at the end), bench_results.jsonl, bench_log.txt,
@@ -62,7 +64,7 @@ if has compile; then
     echo "== compile: grpo_min with --compile-generation, same settings" | tee "$OUT/compile.txt"
     MODEL=$(model_folder)
     for B in 1 4; do
-        timeout ${COMPILE_TIMEOUT:-150} python3 scripts/bench.py --model "$MODEL" --dtype "$DTYPE" --num-generations 8 \
+        timeout ${COMPILE_TIMEOUT:-200} python3 scripts/bench.py --model "$MODEL" --dtype "$DTYPE" --num-generations 8 \
             --max-completion-length "$LENGTH" --beta 0.04 --batch-size "$B" --image-size "$SIZE" --steps "$STEPS" \
             --compile-generation 2>&1 | tee "$OUT/compile-$B.txt"  # its last line is the JSON result
     done
