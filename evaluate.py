@@ -45,11 +45,14 @@ TRUTH, PREDICTION = (0, 200, 0), (230, 30, 30)  # green and red, as in data.draw
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def decode_boxes(model, processor, images, phrases, orig_sizes, template: str, frame: str = "absolute",
-                 max_new_tokens: int = 256, device=None) -> list[tuple[str, Box | None]]:
-    """Greedy answers for B (image, phrase) pairs: (text, box in original pixels or None) each."""
+                 max_new_tokens: int = 256, device=None, synced_gpus: bool = False) -> list[tuple[str, Box | None]]:
+    """Greedy answers for B (image, phrase) pairs: (text, box in original pixels or None) each.
+
+    ``synced_gpus``: the model is sharded with FSDP; every rank decodes until all ranks are done.
+    """
     prompts = encode_prompts(processor, images, phrases, template, device=device)
     out = generate_completions(model, processor, prompts, num_generations=1, max_new_tokens=max_new_tokens,
-                               greedy=True)
+                               greedy=True, synced_gpus=synced_gpus)
     results = []
     for text, orig, resized in zip(out.texts, orig_sizes, prompts.resized_sizes):
         box = parse_answer(text)  # in the model's frame
@@ -62,7 +65,7 @@ def decode_boxes(model, processor, images, phrases, orig_sizes, template: str, f
 
 
 def predict(model, processor, samples, template: str, frame: str = "absolute", batch_size: int = 32,
-            max_new_tokens: int = 256, progress: bool = True, device=None) -> list[dict]:
+            max_new_tokens: int = 256, progress: bool = True, device=None, synced_gpus: bool = False) -> list[dict]:
     """Greedy predictions for ``samples``, with boxes mapped back to original pixels and scored.
 
     The IoU is that of the box as written to the row (rounded to 0.01 px), so that rescoring a
@@ -72,7 +75,8 @@ def predict(model, processor, samples, template: str, frame: str = "absolute", b
     for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", disable=not progress, leave=False):
         batch = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
         answers = decode_boxes(model, processor, [s.load_image() for s in batch], [s.text for s in batch],
-                               [(s.width, s.height) for s in batch], template, frame, max_new_tokens, device)
+                               [(s.width, s.height) for s in batch], template, frame, max_new_tokens, device,
+                               synced_gpus)
         for s, (text, box) in zip(batch, answers):
             rows.append({"id": s.id, "phrase": s.text, "category": s.category, "ground_truth": list(s.box),
                          "output": text, "box": None if box is None else list(box), "iou": iou(box, s.box)})

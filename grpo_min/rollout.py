@@ -2,8 +2,9 @@
 
 Two model passes matter in GRPO and both live here:
 
-* ``generate_completions``: sample a group of G completions for each of B prompts (HF ``generate``
-  with ``num_return_sequences=G``; it runs the vision tower once per prompt).
+* ``generate_completions``: sample a group of G completions for each of B prompts, in a decoding
+  loop of plain PyTorch that runs each prompt (image included) once and its G completions on top
+  of its KV cache.
 * ``completion_logps``: per-token log-probabilities of the completion tokens under a model, the
   quantity that the loss, the old policy and the reference policy all need. Its fast path runs each
   prompt (image included) once per group instead of G times; the plain path stays as the reference.
@@ -17,9 +18,10 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from grpo_min import dist
 from grpo_min.prompts import render_prompt
 
 
@@ -78,49 +80,176 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return (~eos_seen_before).float()
 
 
-def sampling_config(ids: dict, num_generations: int, max_new_tokens: int, temperature: float = 1.0,
-                    greedy: bool = False) -> GenerationConfig:
-    """Pure sampling from softmax(logits / temperature), minus the never-emitted tokens.
-
-    top_k=0 and top_p=1.0 are explicit on purpose: left unset (None), transformers fills them from
-    the model's generation config (top_k=50 by default), and the completions would then come from a
-    truncated distribution that the log-probs of the loss do not describe.
-    """
-    if greedy:
-        return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
-                                eos_token_id=ids["eos"], pad_token_id=ids["pad"], suppress_tokens=ids["never"])
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None,
-                            max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
-                            eos_token_id=ids["eos"], pad_token_id=ids["pad"], suppress_tokens=ids["never"])
-
-
 @torch.no_grad()
 def generate_completions(model, processor, prompts: PromptBatch, *, num_generations: int, max_new_tokens: int,
-                         temperature: float = 1.0, greedy: bool = False, synced_gpus: bool = False) -> Rollout:
-    """Sample ``num_generations`` completions for each prompt (pure sampling: no top-k, no top-p)."""
-    ids = special_token_ids(processor)
-    config = sampling_config(ids, num_generations, max_new_tokens, temperature, greedy)
+                         temperature: float = 1.0, greedy: bool = False, synced_gpus: bool = False,
+                         compile_generation: bool = False) -> Rollout:
+    """Sample ``num_generations`` completions for each prompt: pure sampling from softmax(logits / temperature).
+
+    Each prompt, image included, goes through the model once; its KV cache is repeated for the G
+    completions of its group (``_prompt_pass``, shared with the scoring pass), then one token per
+    step for all B*G rows. HF ``generate(num_return_sequences=G)`` would copy every prompt G times
+    before its first forward, and run each prompt G times.
+
+    The samples come from exactly the distribution that ``completion_logps`` scores: the whole
+    vocabulary (no top-k, no top-p: a truncated distribution is one the loss's log-probs do not
+    describe), no repetition penalty, and nothing from the model's ``generation_config`` (Qwen2.5-VL-
+    Instruct's ships repetition_penalty 1.05 and top_k 1). Only the never-emitted tokens are masked,
+    here and when scoring. ``greedy=True`` (evaluation) takes the argmax instead and applies the
+    checkpoint's repetition_penalty, as HF ``generate`` does for the released evaluation.
+
+    ``synced_gpus``: under FSDP every rank steps until every rank's completions have ended.
+    ``compile_generation``: the decode step compiled with CUDA graphs (``torch.compile(mode=
+    "reduce-overhead")``), for GPUs, where launching kernels one token at a time costs more than the
+    arithmetic; same tokens as the default path.
+    """
+    if compile_generation and synced_gpus:
+        raise ValueError("compile_generation does not combine with FSDP (synced_gpus): FSDP gathers weights "
+                         "inside each forward, which a CUDA graph cannot replay")
+    ids, G = special_token_ids(processor), num_generations
+    penalty = _checkpoint_repetition_penalty(model) if greedy else 1.0
     was_training = model.training
-    # generate() fills every field left None in `config` from the model's own generation_config
-    # (the checkpoint's generation_config.json): Qwen2.5-VL-Instruct ships repetition_penalty 1.05,
-    # and a fine-tuned folder may carry no_repeat_ngram_size, min_length, ... Any of these would
-    # sample from a distribution that the loss's log-probs do not describe, so a blank one stands in
-    # while sampling: only `config` and the library's neutral defaults apply.
-    # Greedy decoding (evaluation) keeps the checkpoint's defaults, as the released evaluation does.
-    saved_defaults = model.generation_config
-    if not greedy:
-        model.generation_config = GenerationConfig()
     model.eval()
     try:
-        out = model.generate(**prompts.inputs, generation_config=config, synced_gpus=synced_gpus)  # (B*G, P+T)
+        # 1. Each prompt once; the logits of its last position predict completion token 0 of its G rows.
+        logits, cache, next_position = _prompt_pass(model, prompts, G)  # (N, V), N = B*G rows; cache; (N,)
+        N, V, device = *logits.shape, logits.device
+        step = _decode_step(model, cache, prompts, G, max_new_tokens, compiled=compile_generation)
+        del cache  # copied into the step's own
+        never_ids, eos = (torch.tensor(ids[k], dtype=torch.long, device=device) for k in ("never", "eos"))
+        never = torch.zeros(V, device=device).index_fill(0, never_ids, -torch.inf)  # (V,): -inf where never emitted
+        seen = _prompt_tokens(prompts, G, V) if penalty != 1.0 else None  # (N, V) bool, for the penalty
+        done = torch.zeros(N, dtype=torch.bool, device=device)  # rows that have emitted EOS
+        chosen = []
+        # 2. One token per step for all N rows; finished rows get padding.
+        for t in range(max_new_tokens):
+            scores = logits.float()  # (N, V)
+            if seen is not None:  # as HF's RepetitionPenaltyLogitsProcessor: seen tokens' logits move toward -inf
+                scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+            # The whole vocabulary but the never-emitted tokens, as token_logps scores it: no top-k, no top-p.
+            scores = scores / temperature + never  # (N, V)
+            token = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(-1)  # (N,)
+            token = token.masked_fill(done, ids["pad"])
+            chosen.append(token)
+            done |= torch.isin(token, eos)
+            if seen is not None:
+                seen[torch.arange(N, device=device), token] = True
+            if t + 1 == max_new_tokens or _every_rank_done(bool(done.all()), synced_gpus, device):
+                break
+            logits = step(token, next_position + t, t)  # (N, V): what follows completion token t
     finally:
-        model.generation_config = saved_defaults
         model.train(was_training)
-    completion_ids = out[:, prompts.inputs["input_ids"].shape[1]:]  # (B*G, T)
+    completion_ids = torch.stack(chosen, dim=1)  # (B*G, T)
     mask = completion_mask_from_ids(completion_ids, ids["eos"])  # (B*G, T)
+    longest = int(mask.sum(1).max())  # under synced_gpus a rank that waited for the others added only padding
+    completion_ids, mask = completion_ids[:, :longest], mask[:, :longest]
     completion_ids = completion_ids.masked_fill(mask == 0, ids["pad"])
     texts = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return Rollout(prompts, completion_ids, mask, texts, num_generations)
+
+
+def _every_rank_done(done_here: bool, synced_gpus: bool, device) -> bool:
+    """Whether decoding can stop: here, or under FSDP (``synced_gpus``) on every rank.
+
+    FSDP all-gathers each unit's weights inside its forward, a collective that every rank must join.
+    A rank that stopped while another still decodes would leave that one waiting forever, so a rank
+    whose rows have all ended keeps stepping (on padding) until all have; one all-reduce per token,
+    as HF ``generate(synced_gpus=True)`` does.
+    """
+    if not synced_gpus or not dist.is_distributed():
+        return done_here
+    pending = dist.all_reduce_sum(torch.tensor(0.0 if done_here else 1.0, device=device))  # ranks still decoding
+    return pending.item() == 0
+
+
+def _decode_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int, compiled: bool):
+    """One decode step for all N = B*G rows: f(token (N,), position (N,), t) -> logits (N, V).
+
+    Row n's completion token t goes in at its M-RoPE position (the same on all three axes), sees its
+    prompt (left padding masked) and its earlier tokens, and its keys and values go to slot P + t of
+    a KV cache allocated once for P + max_new_tokens tokens (HF ``StaticCache``), whose slots [0, P)
+    receive the prompt's. Writing in place is cheaper than growing the cache by concatenation, which
+    copies it at every step (about 8% of a step on CPU for a 34 M model).
+    """
+    prompt_mask = prompts.inputs["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
+    (N, P), length = prompt_mask.shape, prompt_mask.shape[1] + max_new_tokens
+    if compiled:
+        length = -(-length // 256) * 256  # batches of similar prompt lengths share one CUDA graph
+        static, forward = _compiled_forward(model, N, length)
+    else:
+        static = StaticCache(config=model.config, max_cache_len=length)
+        forward = _one_token_forward(model, static)
+    for layer, prompt_layer in zip(static.layers, cache.layers):
+        layer.update(prompt_layer.keys, prompt_layer.values)  # the prompt into slots [0, P)
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, length - P)], dim=1)  # (N, L): slots in use
+
+    def step(token, position, t):
+        attention_mask[:, P + t] = 1
+        if not compiled:
+            return forward(token[:, None], position.view(1, -1, 1).repeat(3, 1, 1), attention_mask)
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits were used: the graph may overwrite them
+        return forward(token[:, None], position.view(1, -1, 1).repeat(3, 1, 1), attention_mask).clone()
+
+    return step
+
+
+def _one_token_forward(model, static):
+    name = _cache_argument(model)
+    return lambda token, position, attention_mask: model(  # (N, 1) tokens -> (N, V) logits
+        input_ids=token, position_ids=position, attention_mask=attention_mask, use_cache=True,
+        **{name: static}).logits[:, -1]
+
+
+def _compiled_forward(model, rows: int, length: int):
+    """``compile_generation``'s decode step: (static cache, forward compiled with CUDA graphs).
+
+    On a GPU a decode step is bound by kernel launches, not arithmetic. A CUDA graph replays all of
+    a step's kernels in one launch, for tensors of the same shapes and addresses at every step,
+    which the fixed-size cache allows (``torch.compile(mode="reduce-overhead")``). The graph holds the
+    cache's addresses, so cache and compiled step are kept per model and shape, the cache zeroed
+    in place for each generation; compiling takes a while (about a minute), once per shape.
+    """
+    weight = next(model.parameters())
+    key = (rows, length, weight.device, weight.dtype, torch.is_autocast_enabled(weight.device.type))
+    kept = _COMPILED.setdefault(model, {})
+    if key not in kept:
+        static = StaticCache(config=model.config, max_cache_len=length)
+        kept[key] = static, torch.compile(_one_token_forward(model, static), mode="reduce-overhead", dynamic=False)
+    static, forward = kept[key]
+    static.reset()
+    return static, forward
+
+
+# model -> {(rows, cache length, device, dtype, autocast): (cache, compiled step)}, for the life of the
+# process (one policy per run).
+_COMPILED: dict = {}
+
+
+def _prompt_tokens(prompts: PromptBatch, G: int, vocab_size: int) -> torch.Tensor:
+    """(B*G, V) bool: the tokens of each row's prompt (left padding excluded), as repetition penalties count them."""
+    input_ids, attention_mask = prompts.inputs["input_ids"], prompts.inputs["attention_mask"]
+    seen = torch.zeros(len(input_ids), vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    seen.scatter_(1, input_ids.masked_fill(attention_mask == 0, vocab_size), True)  # padding -> the extra column
+    return seen[:, :vocab_size].repeat_interleave(G, dim=0)
+
+
+def _checkpoint_repetition_penalty(model) -> float:
+    """The repetition penalty of the model's generation_config.json, which greedy evaluation applies.
+
+    It is the one decoding default of Qwen's checkpoints that changes a greedy answer (their
+    temperature, top_k and top_p shape sampling only). Others that would are refused, not ignored.
+    """
+    config = model.generation_config
+    unsupported = {name: getattr(config, name) for name in _GREEDY_CHANGERS if getattr(config, name, None)}
+    if unsupported:
+        raise ValueError(f"the model's generation_config sets {unsupported}; greedy evaluation applies only "
+                         "repetition_penalty: remove these from generation_config.json to evaluate")
+    return float(config.repetition_penalty or 1.0)
+
+
+_GREEDY_CHANGERS = ("no_repeat_ngram_size", "min_length", "min_new_tokens", "bad_words_ids", "sequence_bias",
+                    "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                    "exponential_decay_length_penalty")
 
 
 def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -175,44 +304,58 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
                               never_ids: list[int] | None) -> torch.Tensor:
     """``completion_logps``'s fast path: each prompt goes through the model once, not G times.
 
-    The G completions of a group share their prompt, and under the causal mask no prompt token sees
-    a completion token, so the prompt's keys and values are the same in all G rows. Step 1 runs the
-    B prompts alone (vision tower included) and keeps their KV cache; step 2 repeats the cache G times
-    and runs only the B*G completions on top of it. The tokens the model processes drop from
+    The G completions of a group share their prompt. Step 1 runs the B prompts alone (vision tower
+    included) and repeats their KV cache G times (``_prompt_pass``, as sampling does); step 2 runs
+    only the B*G completions on top of it. The tokens the model processes drop from
     G * (P + T) to P + G * T per group (docs/PERFORMANCE.md: a 346-token prompt with a 448 px image,
     G = 8, T = 32: from 3,024 to 602), and the vision tower runs once per image. Gradients flow back
     through the repeated cache into step 1. Step 1 is called on the model inside a DDP wrapper and
     step 2 through the wrapper, so that DDP sees one forward per backward (FSDP2 handles both).
     """
     inputs, inner = prompts.inputs, getattr(model, "module", model)
-    G, (P, T) = group_size, (inputs["input_ids"].shape[1], completion_ids.shape[1])
-    # 1. The B prompts, once. The last prompt position predicts completion token 0.
+    G, T = group_size, completion_ids.shape[1]
     if T == 1:  # step 2 must run anyway: DDP syncs gradients and FSDP gathers weights in the wrapper's call, on
         # every rank alike. Score one masked copy of the token after it, and keep the first column.
         twice, mask = completion_ids.repeat(1, 2), torch.cat([completion_mask, torch.zeros_like(completion_mask)], 1)
         return _logps_sharing_the_prompt(model, prompts, twice, mask, group_size=G, temperature=temperature,
                                          never_ids=never_ids)[:, :1]
-    out = inner(**inputs, use_cache=True, logits_to_keep=1)
-    first = out.logits.repeat_interleave(G, dim=0)  # (B*G, 1, V)
-    cache_name = _cache_argument(inner)
-    cache = getattr(out, cache_name)
-    if cache is None or cache.get_seq_length() != P:  # never score completions without their prompt
-        raise RuntimeError("the prompt pass returned no KV cache; call completion_logps(encode_image_once=False)")
-    cache.batch_repeat_interleave(G)  # keys and values (B*G, heads, P, head dim) per layer, each prompt G times
-    # 2. The completions, on top of the cache. Token t sits at its prompt's next M-RoPE position + t
-    #    (for text the three M-RoPE axes are equal); padding after EOS gets position 0, as
-    #    get_rope_index gives padding in the plain path. The last token predicts nothing we score.
-    prompt_positions, _ = inner.model.get_rope_index(
-        input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])  # (3, B, P)
-    next_position = (prompt_positions.amax(dim=(0, 2)) + 1).repeat_interleave(G)  # (B*G,)
+    # 1. The B prompts, once; the last prompt position predicts completion token 0.
+    first, cache, next_position = _prompt_pass(model, prompts, G)  # (B*G, V), cache of B*G rows, (B*G,)
+    # 2. The completions, on top of the cache. Token t sits at its prompt's next M-RoPE position + t;
+    #    padding after EOS gets position 0, as get_rope_index gives padding in the plain path. The
+    #    last token predicts nothing we score.
     fed_mask = completion_mask[:, :-1].long()  # (B*G, T-1)
     positions = (next_position[:, None] + torch.arange(T - 1, device=fed_mask.device)) * fed_mask  # (B*G, T-1)
     attention_mask = torch.cat([inputs["attention_mask"].repeat_interleave(G, dim=0), fed_mask], dim=1)  # (B*G, P+T-1)
     rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, use_cache=False,
-                 position_ids=positions.expand(3, -1, -1), **{cache_name: cache}).logits  # (B*G, T-1, V)
-    logits = torch.cat([first, rest], dim=1)  # (B*G, T, V): position t predicts completion token t
+                 position_ids=positions.expand(3, -1, -1), **{_cache_argument(inner): cache}).logits  # (B*G, T-1, V)
+    logits = torch.cat([first[:, None], rest], dim=1)  # (B*G, T, V): position t predicts completion token t
     return token_logps(logits, completion_ids, temperature, never_ids)
+
+
+def _prompt_pass(model, prompts: PromptBatch, group_size: int):
+    """The B prompts once, image included, with their KV cache repeated for the G rows of each group.
+
+    Under the causal mask no prompt token sees a completion token, so a prompt's keys and values
+    are the same in all G rows of its group. Returns the logits of each prompt's last position,
+    which predict completion token 0, (B*G, V); the cache, keys and values (B*G, heads, P, head dim)
+    per layer; and each row's next M-RoPE position (B*G,): completion token t sits at next + t on
+    all three axes (text advances the three together), one past the prompt's largest position.
+    The prompt's positions are computed here once (``get_rope_index``) and handed to the forward.
+    Called on the model inside a DDP wrapper (``.module``); FSDP2 gathers the weights in this call.
+    """
+    inputs, inner = prompts.inputs, getattr(model, "module", model)
+    P, G = inputs["input_ids"].shape[1], group_size
+    positions, _ = inner.model.get_rope_index(
+        input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])  # (3, B, P), padding 0
+    out = inner(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, _cache_argument(inner))
+    if cache is None or cache.get_seq_length() != P:  # never continue a completion without its prompt
+        raise RuntimeError("the prompt pass returned no KV cache; call completion_logps(encode_image_once=False)")
+    cache.batch_repeat_interleave(G)  # each prompt's keys and values G times
+    next_position = (positions.amax(dim=(0, 2)) + 1).repeat_interleave(G)  # (B*G,)
+    return out.logits[:, -1].repeat_interleave(G, dim=0), cache, next_position
 
 
 def _drops_kv_cache(model) -> bool:

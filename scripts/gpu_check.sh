@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 7 and 6, in one call on one GPU (a lent H200 here; any CUDA machine
-# with torch works). Random weights with Qwen2.5-VL-3B's dimensions, bf16, nothing downloaded:
+# The GPU measurements, on one GPU (a lent H100 or H200 here; any CUDA machine with torch works).
+# Random weights with Qwen2.5-VL-3B's dimensions, bf16, nothing downloaded. Three sections:
 #
-#   1. grpo_min vs TRL's GRPOTrainer (scripts/bench_vs_trl.py): 8 completions x 256 tokens, beta 0.04,
-#      448 px images, 1 and 4 prompts per step; tokens per second and peak GPU memory.
-#   2. train.py for a few steps under torchrun on the one GPU, with DDP and with --fsdp (FSDP2):
-#      step time and peak GPU memory from metrics.jsonl.
+#   bench    grpo_min vs TRL's GRPOTrainer (scripts/bench_vs_trl.py, which runs scripts/bench.py and
+#            scripts/trl_driver.py): 8 completions x 256 tokens, beta 0.04, 448 px images, 1 and 4
+#            prompts per step; tokens per second and peak GPU memory.
+#   compile  grpo_min again with --compile-generation (each decode step replayed as one CUDA graph over a
+#            KV cache of fixed size), same model folder and settings (scripts/bench.py directly), then one table:
+#            ours without / with --compile-generation / TRL, from this section and the bench section.
+#   train    train.py for a few steps under torchrun on the one GPU, with DDP and with --fsdp (FSDP2):
+#            step time and peak GPU memory from metrics.jsonl.
 #
-#   OUT=runs/gpu_check bash scripts/gpu_check.sh
+#   OUT=runs/gpu_check bash scripts/gpu_check.sh                            # all three
+#   OUT=runs/gpu_check SECTIONS="bench compile" bash scripts/gpu_check.sh   # ours with and without compiled
+#                                                                           # decoding vs TRL, in one call
+#   OUT=runs/gpu_check SECTIONS=train bash scripts/gpu_check.sh
 #
+# Time (estimates: the H200 runs of 2026-11-28 predate compiled decoding): bench up to 5.5 minutes (its
+# timeout), compile about 1 minute per run plus compiling, once per run (never measured: the timeout allows
+# 200 s a run), train up to 4. Where one call may run 10 minutes, "bench compile" fits only if compiling
+# takes about a minute; otherwise run SECTIONS=bench, SECTIONS=compile and SECTIONS=train as three calls.
 # TRL is not part of the project: where the machine lacks it, put its wheels (and transformers 5.24.0,
 # datasets, dill, multiprocess) in .whl/ and they are installed into /tmp/site first.
-# Results go to $OUT: env.txt, bench.txt (the table is at its end), bench_results.jsonl, bench_log.txt,
-# train.txt and train-{ddp,fsdp}.jsonl.
+# Results go to $OUT: env.txt, bench.txt (its table at the end), bench_results.jsonl, bench_log.txt,
+# compile.txt (the three-way table), compile-{1,4}.txt (each run's log), train.txt and train-{ddp,fsdp}.jsonl.
 set -u
 OUT=${OUT:-runs/gpu_check}
+SECTIONS=${SECTIONS:-bench compile train}
 mkdir -p "$OUT"
 WHEELS=${WHEELS:-.whl}
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -27,6 +39,11 @@ export GRPO_MIN_CACHE=${GRPO_MIN_CACHE:-/tmp/grpo_min_cache}
 # Overridable for a dry run on a CPU: MODEL_CONFIG=tiny DTYPE=float32 LENGTH=16 SIZE=112 bash scripts/gpu_check.sh
 MODEL_CONFIG=${MODEL_CONFIG:-3b} DTYPE=${DTYPE:-bfloat16} LENGTH=${LENGTH:-256} SIZE=${SIZE:-448}
 STEPS=${STEPS:-3} TRAIN_STEPS=${TRAIN_STEPS:-3}
+has() { case " $SECTIONS " in *" $1 "*) return 0;; *) return 1;; esac; }
+model_folder() {  # the random-weight model folder, written once by scripts/bench_vs_trl.py (or here, first)
+    python3 -c "import sys; sys.path.insert(0, 'scripts'); from bench_vs_trl import model_folder
+print(model_folder('$MODEL_CONFIG', dtype='$DTYPE'))" | tail -n 1
+}
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
   python3 -c "import torch, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
@@ -34,22 +51,59 @@ STEPS=${STEPS:-3} TRAIN_STEPS=${TRAIN_STEPS:-3}
   python3 -c "import trl, datasets, pyarrow; print('trl', trl.__version__, 'datasets', datasets.__version__,
 'pyarrow', pyarrow.__version__)"; } 2>&1 | tee "$OUT/env.txt"
 
-echo "== 1. grpo_min vs TRL, 3B-sized, bf16, 8 x 256 tokens, 448 px, 1 and 4 prompts per step"
-timeout ${BENCH_TIMEOUT:-330} python3 scripts/bench_vs_trl.py --models "$MODEL_CONFIG" --dtype "$DTYPE" \
-    --max-completion-length "$LENGTH" --batch-sizes 1 4 --sizes "$SIZE" --runs 1 --steps "$STEPS" --trl-python python3 --out /tmp/bench_vs_trl \
-    --timeout 150 2>&1 | tee "$OUT/bench.txt"
-cp /tmp/bench_vs_trl/results.jsonl "$OUT/bench_results.jsonl" 2>/dev/null
-cp /tmp/bench_vs_trl/log.txt "$OUT/bench_log.txt" 2>/dev/null
+if has bench; then
+    echo "== bench: grpo_min vs TRL, $MODEL_CONFIG-sized, $DTYPE, 8 x $LENGTH tokens, $SIZE px, 1 and 4 prompts per step"
+    timeout ${BENCH_TIMEOUT:-330} python3 scripts/bench_vs_trl.py --models "$MODEL_CONFIG" --dtype "$DTYPE" \
+        --max-completion-length "$LENGTH" --batch-sizes 1 4 --sizes "$SIZE" --runs 1 --steps "$STEPS" --trl-python python3 \
+        --out /tmp/bench_vs_trl --timeout 150 2>&1 | tee "$OUT/bench.txt"
+    cp /tmp/bench_vs_trl/results.jsonl "$OUT/bench_results.jsonl" 2>/dev/null
+    cp /tmp/bench_vs_trl/log.txt "$OUT/bench_log.txt" 2>/dev/null
+fi
 
-echo "== 2. train.py on one GPU, DDP and FSDP2 (torchrun --nproc_per_node=1)"
-MODEL=$(ls -d "$GRPO_MIN_CACHE"/bench-"$MODEL_CONFIG"-seed0-"$DTYPE"-* | head -n 1)  # written by bench_vs_trl.py above
-for mode in ddp fsdp; do
-    extra=""; [ "$mode" = fsdp ] && extra="--fsdp"
-    timeout ${TRAIN_TIMEOUT:-120} python3 -m torch.distributed.run --nproc_per_node=1 train.py --model "$MODEL" --dtype "$DTYPE" \
-        --max-steps "$TRAIN_STEPS" --batch-size 1 --num-generations 8 --max-completion-length "$LENGTH" --eval-steps 0 \
-        --eval-limit 8 --semantic-model none --output-dir "/tmp/train-$mode" --overwrite $extra 2>&1 | tail -n 25 | tee -a "$OUT/train.txt"
-    cp "/tmp/train-$mode/metrics.jsonl" "$OUT/train-$mode.jsonl" 2>/dev/null
-    python3 - "$mode" "/tmp/train-$mode/metrics.jsonl" <<'EOF' 2>&1 | tee -a "$OUT/train.txt"
+if has compile; then
+    echo "== compile: grpo_min with --compile-generation, same settings" | tee "$OUT/compile.txt"
+    MODEL=$(model_folder)
+    for B in 1 4; do
+        timeout ${COMPILE_TIMEOUT:-200} python3 scripts/bench.py --model "$MODEL" --dtype "$DTYPE" --num-generations 8 \
+            --max-completion-length "$LENGTH" --beta 0.04 --batch-size "$B" --image-size "$SIZE" --steps "$STEPS" \
+            --compile-generation 2>&1 | tee "$OUT/compile-$B.txt"  # its last line is the JSON result
+    done
+    python3 - "$OUT" <<'EOF' 2>&1 | tee -a "$OUT/compile.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def last_json(path):
+    try:
+        return json.loads(path.read_text().strip().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return None
+rows = {}
+if (out / "bench_results.jsonl").exists():
+    for line in (out / "bench_results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows[r["batch_size"]] = r
+print("\n| prompts | ours tok/s | ours compiled tok/s | TRL tok/s | ours generate s | ours compiled generate s | "
+      "ours peak GPU MB | ours compiled peak GPU MB |")
+print("|---|---|---|---|---|---|---|---|")
+for B in (1, 4):
+    c, r = last_json(out / f"compile-{B}.txt"), rows.get(B, {})
+    cell = lambda d, k, f="{:.1f}": "-" if not d or d.get(k) is None else f.format(d[k])
+    print(f"| {B} | {cell(r, 'ours_completion_tokens_per_s')} | {cell(c, 'completion_tokens_per_s')} | "
+          f"{cell(r, 'trl_completion_tokens_per_s')} | {cell(r, 'ours_generate_s', '{:.2f}')} | "
+          f"{cell(c, 'generate_s', '{:.2f}')} | {cell(r, 'ours_peak_gpu_mb', '{:.0f}')} | {cell(c, 'peak_gpu_mb', '{:.0f}')} |")
+EOF
+fi
+
+if has train; then
+    echo "== train: train.py on one GPU, DDP and FSDP2 (torchrun --nproc_per_node=1)"
+    MODEL=$(model_folder)
+    for mode in ddp fsdp; do
+        extra=""; [ "$mode" = fsdp ] && extra="--fsdp"
+        timeout ${TRAIN_TIMEOUT:-120} python3 -m torch.distributed.run --nproc_per_node=1 train.py --model "$MODEL" --dtype "$DTYPE" \
+            --max-steps "$TRAIN_STEPS" --batch-size 1 --num-generations 8 --max-completion-length "$LENGTH" --eval-steps 0 \
+            --eval-limit 8 --semantic-model none --output-dir "/tmp/train-$mode" --overwrite $extra 2>&1 | tail -n 25 | tee -a "$OUT/train.txt"
+        cp "/tmp/train-$mode/metrics.jsonl" "$OUT/train-$mode.jsonl" 2>/dev/null
+        python3 - "$mode" "/tmp/train-$mode/metrics.jsonl" <<'EOF' 2>&1 | tee -a "$OUT/train.txt"
 import json, statistics, sys
 mode, path = sys.argv[1:]
 try:
@@ -61,4 +115,5 @@ print(f"train.py {mode}: {len(rows)} steps, median step {statistics.median(r['st
       f"(generate {statistics.median(r['generate_s'] for r in later):.2f} s), peak GPU "
       f"{max(r.get('peak_gpu_mb', 0) for r in rows) / 1024:.1f} GiB, {rows[-1]['completion_tokens']} completion tokens/step")
 EOF
-done
+    done
+fi
