@@ -85,15 +85,16 @@ def predict(model, processor, samples, template: str, frame: str = "absolute", b
 
 def evaluate_samples(model, processor, samples, template: str, frame: str, *, limit: int | None = None,
                      batch_size: int = 32, max_new_tokens: int = 256, device=None,
-                     dtype: torch.dtype = torch.float32) -> list[dict]:
+                     dtype: torch.dtype = torch.float32, synced_gpus: bool = False) -> list[dict]:
     """``predict`` on the first ``limit`` samples (all when None), computing in ``dtype`` as training does
-    (float32 weights under autocast): the evaluation train.py runs before, during and after GRPO."""
+    (float32 weights under autocast): the evaluation train.py runs before, during and after GRPO.
+    ``synced_gpus``: the model is sharded with FSDP (see ``decode_boxes``)."""
     from grpo_min.models import compute_precision
 
     n = len(samples) if limit is None else min(limit, len(samples))
     with compute_precision(torch.device(device or "cpu"), dtype):
         return predict(model, processor, [samples[i] for i in range(n)], template, frame, batch_size, max_new_tokens,
-                       progress=False, device=device)
+                       progress=False, device=device, synced_gpus=synced_gpus)
 
 
 def metrics_of(rows: list[dict]) -> dict:

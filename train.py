@@ -92,6 +92,8 @@ class Config:
     fsdp: bool = opt(False, "shard policy and reference with FSDP2 (vision tower and each decoder layer a unit)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
     freeze_vision: bool = opt(False, "train the language model only; the vision tower stays frozen")
+    compile_generation: bool = opt(False, "GPU: sample with a static KV cache and a decode step compiled with CUDA "
+                                   "graphs (torch.compile); not with --fsdp")
     # --- evaluation, precision, misc ---
     eval_steps: int = opt(100, "evaluate on the val split every N steps (0: never)")
     eval_limit: int | None = opt(None, "evaluate on at most N val/test samples")
@@ -134,7 +136,8 @@ def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, b
             prompts = encode_prompts(processor, images, [s.text for s in samples], template, device=device)
         with timer("generate"), amp():
             rollouts.append(generate_completions(raw, processor, prompts, num_generations=G, synced_gpus=cfg.fsdp,
-                                                 max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature))
+                                                 max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                                 compile_generation=cfg.compile_generation))
         with timer("rewards"):
             scores.append(reward(rollouts[-1].texts, samples, images, prompts.resized_sizes))
 
@@ -264,19 +267,13 @@ def train(cfg: Config, preemption: Preemption):
     reference = dist.wrap(reference, fsdp=True) if reference is not None and cfg.fsdp else reference
     dist.print0(banner(cfg, model_path=model_path, parameters=parameters, frame=frame, policy=policy,
                        splits=(train_set, val_set, test_set), semantic_path=semantic_path, total_steps=total_steps))
-    if cfg.fsdp:  # FSDP2 must see one forward through the root before generation calls submodules directly
-        first = train_set[0]
-        warm = encode_prompts(processor, [first.load_image()], [first.text], template, device=device)
-        token = warm.inputs["input_ids"][:, -1:]
-        with compute_precision(device, resolve_dtype(cfg.dtype, device)):
-            dist.fsdp_warm_up([policy, reference], lambda model: completion_logps(
-                model, warm, token, torch.ones_like(token, dtype=torch.float), group_size=1))
     optimizer, scheduler = make_optimizer(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                           fused=cfg.optim == "adamw_torch_fused", warmup_steps=cfg.warmup_steps,
                                           total_steps=total_steps, schedule=cfg.lr_scheduler)
     evaluate = lambda samples: evaluate_samples(  # noqa: E731  greedy decoding; rows of predictions
         dist.unwrap(policy), processor, samples, template, frame, limit=cfg.eval_limit, device=device,
-        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_completion_length, dtype=resolve_dtype(cfg.dtype, device))
+        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_completion_length, dtype=resolve_dtype(cfg.dtype, device),
+        synced_gpus=cfg.fsdp)
 
     step, bad_steps = 0, 0
     if resume_path is not None:

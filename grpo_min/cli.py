@@ -81,6 +81,9 @@ def parse_options(config_class, argv=None, description: str = ""):
         value = getattr(config, name)
         if value is not None and not ok(value):
             parser.error(f"{flag(name)} {value}: expected {expected}")
+    if config.compile_generation and config.fsdp:
+        parser.error("--compile-generation does not combine with --fsdp: FSDP gathers weights inside each forward, "
+                     "which a CUDA graph cannot replay")
     if preset:
         dist.print0("Demo preset (override any option to change it): " +
                     ", ".join(f"{k}={v}" for k, v in preset.items()))

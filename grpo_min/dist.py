@@ -95,21 +95,6 @@ def wrap(model: torch.nn.Module, fsdp: bool = False) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def fsdp_warm_up(models, forward) -> None:
-    """Run ``forward(model)`` once (no gradients) on each FSDP2-wrapped model, then reshard it.
-
-    FSDP2 initialises lazily, on the first forward through the root module; generation calls submodules
-    directly (the vision tower, the language model), and before that first root forward fails with "FSDP
-    state has already been lazily initialized". The root stays unsharded after a forward; the optimizer
-    must see the shards, hence the reshard.
-    """
-    for model in models:
-        if model is not None:
-            with torch.no_grad():
-                forward(model)
-            model.reshard()
-
-
 def _tmp_file() -> str:
     """A path for the one-process group's rendezvous file, in a private folder removed at exit."""
     import atexit

@@ -41,7 +41,6 @@ class Rollout:
     completion_ids: torch.Tensor  # (B*G, T) long, padded after the first EOS
     completion_mask: torch.Tensor  # (B*G, T) float, 1 up to and including the first EOS
     texts: list[str]  # B*G decoded completions
-    group_size: int
 
 
 def special_token_ids(processor) -> dict:
@@ -145,7 +144,7 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
     completion_ids, mask = completion_ids[:, :longest], mask[:, :longest]
     completion_ids = completion_ids.masked_fill(mask == 0, ids["pad"])
     texts = processor.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(prompts, completion_ids, mask, texts, num_generations)
+    return Rollout(prompts, completion_ids, mask, texts)
 
 
 def _every_rank_done(done_here: bool, synced_gpus: bool, device) -> bool:

@@ -100,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--learning-rate", type=float, default=1e-6, help="AdamW learning rate")
     p.add_argument("--optim", default="adamw_torch_fused", choices=("adamw_torch_fused", "adamw_torch"),
                    help="AdamW implementation, as train.py's --optim")
+    p.add_argument("--compile-generation", action="store_true",
+                   help="sample with a static KV cache and a decode step compiled with CUDA graphs, as train.py's")
     p.add_argument("--seed", type=int, default=0, help="seed for the random model, the image and sampling")
     p.add_argument("--no-image-once", action="store_true",
                    help="score on the plain path: every completion row carries its prompt and image, so both go "
@@ -124,7 +126,7 @@ def main(argv=None):
     cfg = train.Config(num_generations=G, batch_size=args.batch_size, max_completion_length=args.max_completion_length,
                        beta=args.beta, loss_type=args.loss_type, num_iterations=args.num_iterations,
                        temperature=args.temperature, learning_rate=args.learning_rate, optim=args.optim,
-                       dtype=args.dtype)
+                       dtype=args.dtype, compile_generation=args.compile_generation)
     optimizer, scheduler = make_optimizer(policy.parameters(), lr=args.learning_rate,
                                           fused=args.optim == "adamw_torch_fused", total_steps=args.steps)
     if args.no_image_once:  # the patch point any ablation uses: train.py's module-level names
@@ -180,6 +182,7 @@ def main(argv=None):
         "beta": args.beta, "loss_type": args.loss_type, "num_iterations": args.num_iterations,
         "dtype": str(dtype).replace("torch.", ""), "device": device.type,
         "image_once": not args.no_image_once, "fused_adamw": bool(optimizer.defaults.get("fused")),
+        "compile_generation": args.compile_generation,
         "measured_steps": len(measured), "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
