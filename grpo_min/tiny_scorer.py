@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from grpo_min.boxes import Box, clip_box
+from grpo_min.optim import make_optimizer
 from grpo_min.semantic import SemanticScorer, crop_to_square, one_thread
 from grpo_min.synthetic import FINDINGS, SYNTHETIC_VERSION, synthetic_findings, synthetic_phrases, synthetic_sample
 
-RECIPE_VERSION = 1  # bump when anything below changes what gets built
+RECIPE_VERSION = 2  # bump when anything below changes what gets built
 SCORER_ARCH = dict(image_size=24, patch_size=4, hidden_size=64, layers=2, heads=4, projection_dim=64,  # both towers
                    temperature=0.1)  # of the contrastive loss, fixed
 SCORER_TRAINING = dict(train_images=600, positives_per_image=4, normals_per_image=4,  # the crop pool
@@ -148,10 +149,9 @@ def train_scorer(model, processor, seed: int = 0, train_images=600, positives_pe
     finding_rows = (kinds >= 0).nonzero().squeeze(1)
     normal_rows = (kinds < 0).nonzero().squeeze(1)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=0.01)
-    # Linear warmup, then cosine decay to 0: the last steps settle the weights that get saved.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup_steps, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    # Linear warm-up, then a cosine decay to 0: the last steps settle the weights that get saved.
+    opt, sched = make_optimizer(model.parameters(), lr=learning_rate, weight_decay=0.01, fused=False,
+                                warmup_steps=warmup_steps, total_steps=steps, schedule="cosine")
     model.train()
     for step in range(steps):
         # batch_size finding crops (described findings and distractors) with their phrases, and as
