@@ -67,7 +67,7 @@ def matmul_kernel_seconds(fn) -> float:
 def main():
     args = bench.parse_args()
     torch.manual_seed(args.seed)
-    policy, reference, processor = bench.load_models(args, torch.device("cpu"), torch.float32)
+    policy, reference, processor = bench.load_models(args, torch.device("cpu"))
     G = args.num_generations
     images = [bench.synthetic_image(args.image_size, args.seed + i) for i in range(args.batch_size)]
     prompts = encode_prompts(processor, images, [bench.PHRASES[i % 3] for i in range(len(images))], CHAIN_OF_BOX)
