@@ -404,8 +404,9 @@ def parse_args(argv=None):
     mode.add_argument("--image", metavar="FILE", help="predict one image (with --phrase); writes prediction.png")
     p.add_argument("--phrase", help="the referring phrase for --image")
     p.add_argument("--paper", choices=sorted(PAPER), help="--compare: add the paper's row for this dataset")
-    p.add_argument("--model", default="tiny", help="model folder, or 'tiny' (the cached warm-started demo model; "
-                   "the default)")
+    p.add_argument("--model", default="tiny", help="model folder, a LoRA adapter folder (train.py --lora-r's final/ or "
+                   "a peft adapter: its base_model_name_or_path, then the adapter), or 'tiny' (the cached warm-started "
+                   "demo model; the default)")
     p.add_argument("--dataset", default="synthetic", help="synthetic (the default), ms-cxr, medrpg, chestx-ray8, "
                    "m3d-refseg or jsonl")
     p.add_argument("--data-root", default=None, help="dataset folder (real datasets)")

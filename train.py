@@ -13,6 +13,7 @@ import json
 import math
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,9 +28,10 @@ from grpo_min.checkpoint import (CheckpointError, MetricsLog, Preemption, check_
                                  delete_outputs, find_resume_path, load_checkpoint, save_checkpoint, save_model,
                                  warn_config_changes)
 from grpo_min.cli import banner, parse_options
+from grpo_min.lora import adapters_off
 from grpo_min.loss import group_advantages, grpo_loss
 from grpo_min.metrics import PhaseTimer, rollout_record, run_checks, update_record
-from grpo_min.models import compute_precision, load_model, load_reference, resolve_dtype, resolve_model_path
+from grpo_min.models import compute_precision, load_policy, load_reference, resolve_dtype, resolve_model_path
 from grpo_min.optim import make_optimizer
 from grpo_min.prompts import load_template
 from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids
@@ -94,12 +96,21 @@ class Config:
     freeze_vision: bool = opt(False, "train the language model only; the vision tower stays frozen")
     compile_generation: bool = opt(False, "GPU: sample with a static KV cache and a decode step compiled with CUDA "
                                    "graphs (torch.compile); not with --fsdp")
+    # --- LoRA (names as in peft's LoraConfig) ---
+    lora_r: int = opt(0, "LoRA rank: adapters on a frozen base, which is also the reference (0: off, full fine-tuning)")
+    lora_alpha: float | None = opt(None, "LoRA scale: adapter outputs are multiplied by alpha / r (default: 2 x --lora-r)")
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input (0 keeps the policy's log-probs deterministic)")
+    lora_target_modules: str | None = opt(None, "comma-separated names of the Linear layers to adapt (default: the "
+                                          "language model's q/k/v/o_proj and gate/up/down_proj; vision tower excluded)")
+    lora_vision: bool = opt(False, "adapt the vision tower too (its attention's qkv and proj, and its MLP)")
+    merge_lora: bool = opt(False, "final/ as a plain model, the adapters merged in (default: the adapter, peft's layout)")
     # --- evaluation, precision, misc ---
     eval_steps: int = opt(100, "evaluate on the val split every N steps (0: never)")
     eval_limit: int | None = opt(None, "evaluate on at most N val/test samples")
     eval_batch_size: int = opt(32, "prompts per generate call when evaluating")
-    dtype: str = opt("auto", "compute precision: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16; weights and "
-                     "optimizer state stay float32 (mixed precision)", choices=("auto", "float32", "bfloat16"))
+    dtype: str = opt("auto", "compute precision: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16; trained "
+                     "weights and optimizer state stay float32 (mixed precision); a LoRA base is stored in it",
+                     choices=("auto", "float32", "bfloat16"))
     min_pixels: int | None = opt(None, "processor's minimum image area in pixels")
     max_pixels: int | None = opt(None, "processor's maximum image area; default: its own, capped at 1003520 (1280 visual tokens)")
     seed: int = opt(0, "random seed (sampling, data order, the tiny model)")
@@ -116,8 +127,8 @@ def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, b
 
     batches: this rank's micro-batches (lists of data.Sample), whose gradients accumulate into each update.
     reward(texts, samples, images, resized_sizes) -> rewards.Scores. policy may be wrapped (DDP, FSDP2);
-    reference is None when beta is 0. updates: optimizer updates on this rollout (default: mu, the
-    --num-iterations). Returns one record per update, statistics over all ranks (metrics.jsonl's keys).
+    reference is None when beta is 0 or with LoRA (the policy with its adapters off serves). updates: optimizer
+    updates on this rollout (default: mu, --num-iterations). Returns one metrics.jsonl record per update (all ranks).
     """
     G, raw, updates = cfg.num_generations, dist.unwrap(policy), updates or cfg.num_iterations
     device = next(raw.parameters()).device
@@ -156,8 +167,9 @@ def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, b
             args = (r.prompts, r.completion_ids, r.completion_mask)
             with timer("old_policy"):
                 old_logps.append(completion_logps(raw, *args, **score_kw) if cfg.num_iterations > 1 else None)
-            with timer("reference"):
-                ref_logps.append(completion_logps(reference, *args, **score_kw) if reference is not None else None)
+            # With LoRA the reference is the policy itself, its adapters switched off: no second copy is loaded.
+            with timer("reference"), adapters_off(raw) if cfg.lora_r else nullcontext(reference) as ref:
+                ref_logps.append(completion_logps(ref, *args, **score_kw) if cfg.beta > 0 else None)
 
     # 4. The clipped policy loss: `updates` optimizer updates, each accumulating over the micro-batches.
     records = []
@@ -237,10 +249,13 @@ def train(cfg: Config, preemption: Preemption):
                                    keep=tuple(p for p in (model_path, resume_path) if p is not None))
     semantic_scorer = semantic_path and SemanticScorer.from_pretrained(
         dist.on_main_first(lambda: build_scorer(semantic_path)), device=device, dtype=resolve_dtype(cfg.dtype, device))
-    # Resuming loads the policy from the checkpoint; the reference is always the starting model. It runs
-    # exactly as the policy does (float32 weights, same autocast), so that the KL starts at 0.
-    policy, processor, frame = load_policy(resume_path or model_path, cfg, torch.float32, device)
-    reference = load_reference(model_path, dtype=torch.float32, device=device) if cfg.beta > 0 else None
+    # Resuming loads the policy from the checkpoint (LoRA: the adapter; the base from --model). The reference is the
+    # starting model (LoRA: the policy, adapters off) and computes exactly as the policy does: the KL starts at 0.
+    try:
+        policy, processor, frame = load_policy(model_path, cfg, device, resume_path)
+    except ValueError as e:  # LoRA targets that match no layer, a checkpoint of another kind of run
+        raise SystemExit(f"error: {e}")
+    reference = load_reference(model_path, dtype=torch.float32, device=device) if cfg.beta and not cfg.lora_r else None
     reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
                                    spatial_kind=cfg.spatial_reward, semantic_on=cfg.semantic_on,
                                    semantic_weight=cfg.semantic_weight if semantic_scorer else 0.0)
@@ -262,11 +277,10 @@ def train(cfg: Config, preemption: Preemption):
     # By epochs: the prompts left to see, in rollouts of this run's size (which may differ from the checkpoint's).
     total_steps = cfg.max_steps or origin[0] + mu * math.ceil((cfg.num_train_epochs * len(train_set) - origin[1])
                                                               / per_rollout)
-    parameters = sum(p.numel() for p in policy.parameters())
     policy = dist.wrap(policy, fsdp=cfg.fsdp)
     reference = dist.wrap(reference, fsdp=True) if reference is not None and cfg.fsdp else reference
-    dist.print0(banner(cfg, model_path=model_path, parameters=parameters, frame=frame, policy=policy,
-                       splits=(train_set, val_set, test_set), semantic_path=semantic_path, total_steps=total_steps))
+    dist.print0(banner(cfg, model_path=model_path, policy=policy, frame=frame, splits=(train_set, val_set, test_set),
+                       semantic_path=semantic_path, total_steps=total_steps))
     optimizer, scheduler = make_optimizer(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                           fused=cfg.optim == "adamw_torch_fused", warmup_steps=cfg.warmup_steps,
                                           total_steps=total_steps, schedule=cfg.lr_scheduler)
@@ -296,7 +310,7 @@ def train(cfg: Config, preemption: Preemption):
     checkpoint = lambda: save_checkpoint(  # noqa: E731
         out, step, policy, processor, optimizer, scheduler,
         {"config": asdict(cfg), "before": before, "data_position": data_position(step, cfg, origin)},
-        cfg.save_total_limit)
+        cfg.save_total_limit, base_model=model_path)
 
     # ------------------------------------------------------------------ the GRPO loop
     bar = tqdm(total=total_steps, initial=step, desc="GRPO", disable=not dist.is_main())
@@ -331,7 +345,7 @@ def train(cfg: Config, preemption: Preemption):
     # ------------------------------------------------------------------ the end: test numbers, final model
     preemption.training = False
     after = metrics_of(evaluate(test_set))
-    save_model(out / "final", policy, processor)
+    save_model(out / "final", policy, processor, base_model=model_path, merge=cfg.merge_lora)
     if dist.is_main():
         summary = {"before": before, "after": after, "wall_s": round(time.time() - t_start, 1)}
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -361,18 +375,6 @@ def data_position(step: int, cfg: Config, origin: tuple[int, int] = (0, 0)) -> i
     """How many training prompts (all ranks together) the rollouts before ``step`` used (mu steps each)."""
     per_rollout = cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
     return origin[1] + math.ceil((step - origin[0]) / cfg.num_iterations) * per_rollout
-
-
-def load_policy(path, cfg: Config, dtype, device):
-    """(policy, processor, box frame): the model to train, in training mode, with the memory options."""
-    policy, processor, frame = load_model(path, dtype=dtype, device=device, min_pixels=cfg.min_pixels,
-                                          max_pixels=cfg.max_pixels)
-    policy.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
-    if cfg.freeze_vision:
-        policy.model.visual.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return policy, processor, frame
 
 
 def eval_metrics(rows: list[dict], out: Path, step: int, record: dict) -> dict:

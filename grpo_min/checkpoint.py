@@ -3,7 +3,8 @@
 ``<output-dir>/checkpoint-<step>/`` holds:
 
 * the policy as a ``save_pretrained`` folder (safetensors) with its processor: plain transformers
-  loads it;
+  loads it; for a LoRA run, the adapter instead (``adapter_config.json``, ``adapter_model.safetensors``:
+  peft's layout, which ``peft.PeftModel.from_pretrained(base, folder)`` and ``load_model`` read);
 * ``optimizer.pt`` and ``scheduler.pt``: tensors and plain Python values only, so they load with
   ``torch.load(..., weights_only=True)`` (no unpickling of arbitrary objects);
 * ``rng_state_rank<r>.pt``: every rank's torch (and CUDA) generator state, likewise;
@@ -13,7 +14,8 @@
   renamed once complete, so a crash mid-write never leaves a folder that looks finished.
 
 Model and optimizer states go through ``torch.distributed.checkpoint.state_dict`` with full
-(unsharded) state dicts, so the same code serves one process, DDP and FSDP2.
+(unsharded) state dicts, so the same code serves one process, DDP and FSDP2. A LoRA run gathers and
+saves its adapters only: the frozen base is the --model folder, never written again.
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ import math
 import re
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from grpo_min import dist
+from grpo_min import dist, lora
+from grpo_min.models import load_model
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -52,22 +56,22 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(out_dir: Path, step: int, model, processor, optimizer, scheduler, trainer_state: dict,
-                    save_total_limit: int | None = None) -> Path:
-    """Write ``checkpoint-<step>`` atomically (all ranks call this; rank 0 writes the shared files)."""
+                    save_total_limit: int | None = None, base_model: str | Path | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically (all ranks call this; rank 0 writes the shared files).
+
+    ``base_model``: the folder a LoRA model's base came from (its adapter_config.json names it)."""
     final = Path(out_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    if hasattr(model, "reshard"):  # FSDP2: after a forward-only pass (generate) the root stays unsharded,
-        model.reshard()            # and the optimizer knows only the sharded parameters
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)  # collective under FSDP
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    model_state = gather_model_state(model)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                     cpu_offload=True))
     torch.save(rng_state(), tmp / f"rng_state_rank{dist.rank()}.pt")
     if dist.is_main():
-        dist.unwrap(model).save_pretrained(tmp, state_dict=model_state)
+        write_model(tmp, model, model_state, base_model)
         processor.save_pretrained(tmp)
         torch.save(optim_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -87,15 +91,45 @@ def save_checkpoint(out_dir: Path, step: int, model, processor, optimizer, sched
     return final
 
 
-def save_model(folder: Path, model, processor):
-    """The final model as a plain ``save_pretrained`` folder (all ranks call: FSDP gathers the shards)."""
-    if hasattr(model, "reshard"):
-        model.reshard()
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def save_model(folder: Path, model, processor, base_model: str | Path | None = None, merge: bool = False):
+    """The final model, with its processor (all ranks call: FSDP gathers the shards).
+
+    A plain ``save_pretrained`` folder; for a LoRA model its adapter (on ``base_model``), or with
+    ``merge`` a plain folder of the base with the adapters folded in: rank 0 loads the base afresh in
+    float32 and merges there, so the same code serves one process, DDP and FSDP2 (whose live weights
+    are sharded), and a bfloat16 training base costs the merge no precision.
+    """
+    state = gather_model_state(model)
     if dist.is_main():
-        dist.unwrap(model).save_pretrained(folder, state_dict=state)
+        if merge:
+            with tempfile.TemporaryDirectory() as adapter:
+                write_model(adapter, model, state, base_model)
+                merged, _, _ = load_model(adapter, merge_adapter=True)  # float32, on the CPU
+            merged.save_pretrained(folder)
+        else:
+            write_model(folder, model, state, base_model)
         processor.save_pretrained(folder)
     dist.barrier()
+
+
+def gather_model_state(model) -> dict:
+    """The model's full (unsharded) state dict on the CPU, or a LoRA model's adapters alone (all ranks call:
+    a collective under FSDP)."""
+    if hasattr(model, "reshard"):  # FSDP2: after a forward-only pass (generate) the root stays unsharded,
+        model.reshard()            # and the optimizer knows only the sharded parameters
+    adapters_only = bool(lora.lora_layers(dist.unwrap(model)))  # the frozen base is --model's, unchanged
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=adapters_only))
+
+
+def write_model(folder, model, state: dict, base_model: str | Path | None):
+    """Rank 0: a LoRA model's adapter in peft's layout, or else a plain ``save_pretrained`` folder."""
+    if lora.lora_layers(dist.unwrap(model)):
+        if base_model is None:
+            raise ValueError("saving a LoRA model needs base_model, the folder its base was loaded from")
+        lora.save_adapter(folder, dist.unwrap(model), base_model, state_dict=state)
+    else:
+        dist.unwrap(model).save_pretrained(folder, state_dict=state)
 
 
 def complete_checkpoints(out_dir: Path) -> list[Path]:
@@ -166,8 +200,9 @@ def find_resume_path(resume: str, out_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore optimizer, scheduler and this rank's RNG; return the trainer state.
 
-    The policy weights themselves are loaded earlier, by loading the checkpoint folder as the model
-    (``load_model(path)``), which lets transformers map its saved key names onto the live model.
+    The policy weights themselves are loaded earlier, by ``load_policy``: the checkpoint folder loaded as
+    the model (``load_model(path)``, which lets transformers map its saved key names onto the live
+    model), or with LoRA the base from --model and the checkpoint's adapter on it.
     """
     path = Path(path)
     if not (path / MARKER).exists():

@@ -39,7 +39,11 @@ LIMITS = {
     "save_total_limit": (lambda v: v >= 0, "0 (keep all) or more"),
     "eval_steps": (lambda v: v >= 0, "0 (never) or more"),
     "eval_limit": (lambda v: v >= 1, "at least 1 (leave it out to evaluate whole splits)"),
+    "lora_r": (lambda v: v >= 0, "0 (off: full fine-tuning) or more"), "lora_alpha": _POSITIVE,
+    "lora_dropout": (lambda v: 0 <= v < 1, "0 or more and below 1"),
 }
+# Options that shape the adapters: with LoRA off (--lora-r 0) they would silently do nothing.
+LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_vision", "merge_lora")
 
 
 def flag(name: str) -> str:
@@ -76,6 +80,8 @@ def parse_options(config_class, argv=None, description: str = ""):
     preset = {k: v for k, v in DEMO_PRESET.items() if k not in given} if (dataset, model) == ("synthetic", "tiny") else {}
     if "num_train_epochs" in given:  # training by epochs: the preset's step count must not override it
         preset.pop("max_steps", None)
+    if given.get("lora_vision"):  # adapters in the vision tower: the preset's frozen tower must not refuse them
+        preset.pop("freeze_vision", None)
     config = config_class(**{**preset, **given, "model": model})
     for name, (ok, expected) in LIMITS.items():
         value = getattr(config, name)
@@ -84,6 +90,7 @@ def parse_options(config_class, argv=None, description: str = ""):
     if config.compile_generation and config.fsdp:
         parser.error("--compile-generation does not combine with --fsdp: FSDP gathers weights inside each forward, "
                      "which a CUDA graph cannot replay")
+    check_lora(parser, config, {f.name: f.default for f in fields(config_class)})
     if preset:
         dist.print0("Demo preset (override any option to change it): " +
                     ", ".join(f"{k}={v}" for k, v in preset.items()))
@@ -92,9 +99,31 @@ def parse_options(config_class, argv=None, description: str = ""):
     return config
 
 
-def banner(cfg, *, model_path, parameters: int, frame: str, policy, splits, semantic_path, total_steps: int) -> str:
+def check_lora(parser, config, defaults: dict):
+    """Refuse LoRA options that contradict each other or would do nothing; fill in lora_alpha's default (2 r)."""
+    if not config.lora_r:
+        unused = [flag(k) for k in LORA_OPTIONS if getattr(config, k) != defaults[k]]
+        if unused:
+            parser.error(f"{', '.join(unused)}: LoRA is off; add --lora-r R (e.g. 16) to train adapters")
+        return
+    if config.lora_vision and config.freeze_vision:
+        parser.error("--lora-vision trains adapters in the vision tower, --freeze-vision keeps it unchanged: "
+                     "choose one")
+    if config.lora_target_modules is not None:
+        names = [t.strip() for t in config.lora_target_modules.split(",")]
+        if not all(names):
+            parser.error(f"--lora-target-modules {config.lora_target_modules!r}: expected comma-separated module "
+                         "names, e.g. q_proj,v_proj")
+        config.lora_target_modules = ",".join(names)
+    if config.lora_alpha is None:
+        config.lora_alpha = float(2 * config.lora_r)
+
+
+def banner(cfg, *, model_path, policy, frame: str, splits, semantic_path, total_steps: int) -> str:
     """The start-up block every run prints: what is trained, on what, rewarded how, with which settings."""
     ranks = dist.world_size()
+    parameters = sum(p.numel() for p in policy.parameters())
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     prompts = ranks * cfg.batch_size * cfg.gradient_accumulation_steps
     if semantic_path is None:
         why = ("--semantic-model none" if cfg.semantic_model == "none" else "--semantic-weight 0"
@@ -106,17 +135,25 @@ def banner(cfg, *, model_path, parameters: int, frame: str, policy, splits, sema
         semantic = f"semantic x{cfg.semantic_weight:g} ({scorer}, on {cfg.semantic_on} format-valid completions)"
     spatial = "IoU > 0.5" if cfg.spatial_reward == "hard" else "IoU"
     lines = [
-        ("model", f"{model_path} ({parameters / 1e6:.2f} M parameters, box frame '{frame}')"),
+        ("model", f"{model_path} ({parameters / 1e6:.2f} M parameters, {trained / 1e6:.2f} M trained, box frame "
+                  f"'{frame}')"),
         ("data", f"{cfg.dataset}: " + ", ".join(f"{name} {len(s)}" for name, s in zip(("train", "val", "test"), splits))),
         ("prompt", f"{cfg.template} template"),
         ("rewards", f"format x{cfg.format_weight:g} + spatial x{cfg.spatial_weight:g} ({spatial}) + {semantic}"),
         ("GRPO", f"G {cfg.num_generations}, {prompts} prompts per update ({ranks} rank(s) x {cfg.batch_size} x "
                  f"{cfg.gradient_accumulation_steps} accumulation), {total_steps} steps, {cfg.num_iterations} update(s) "
-                 f"per rollout, beta {cfg.beta:g}" + (" (no reference loaded)" if cfg.beta == 0 else "") +
+                 f"per rollout, beta {cfg.beta:g}" + (" (no reference loaded)" if cfg.beta == 0 else
+                                                      " (reference: the base, adapters off)" if cfg.lora_r else "") +
                  f", epsilon {cfg.epsilon:g}, loss {cfg.loss_type}"),
         ("optimizer", f"AdamW lr {cfg.learning_rate:g} ({cfg.warmup_steps} warm-up steps, then {cfg.lr_scheduler}), "
                       f"weight decay {cfg.weight_decay:g}, clip {cfg.max_grad_norm:g}"),
         ("parallel", f"{type(policy).__name__} on {ranks} rank(s)"),
         ("output", cfg.output_dir),
     ]
+    if cfg.lora_r:
+        lines.insert(1, ("LoRA", f"r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g} on "
+                                 f"{cfg.lora_target_modules or 'the language model projections'}"
+                                 f"{' and the vision tower' if cfg.lora_vision else ''}; base in "
+                                 f"{str(next(policy.parameters()).dtype).replace('torch.', '')}, "
+                                 f"final/ {'merged' if cfg.merge_lora else 'an adapter'}"))
     return "\n".join(f"  {k:<9} {v}" for k, v in lines)

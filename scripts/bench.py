@@ -14,10 +14,14 @@ its first EOS; a random model rarely emits one and runs to ``--max-completion-le
 the wall time of the measured steps. ``peak_rss_mb`` is the process's lifetime peak resident memory
 (``getrusage``), so compare configurations in fresh processes (scripts/bench_vs_trl.py does).
 
-Models: ``--model PATH`` loads any Qwen2.5-VL / Qwen2-VL folder (``load_model``, the reference a second
+Models: ``--model PATH`` loads any Qwen2.5-VL / Qwen2-VL folder (``load_policy``, the reference a second
 copy via ``load_reference``, as in ``train.py``); ``--model-config NAME`` builds one with random
 weights from a named config (``grpo_min.tiny.MODEL_CONFIGS``), with the tiny model's tokenizer and
-processor. The image processor's pixel limits are widened so that the S x S image reaches the vision
+processor, and prepares it as train.py does (``prepare_policy``). ``--lora-r R`` trains LoRA adapters
+(alpha 2 R) on a frozen base stored in the compute precision, the policy with its adapters off serving
+as the reference, all exactly as ``train.py --lora-r R``:
+
+    python scripts/bench.py --model-config 3b --lora-r 64 --gradient-checkpointing --max-completion-length 256 The image processor's pixel limits are widened so that the S x S image reaches the vision
 tower unresized (S must be a multiple of 28: 112, 224, 448 are).
 """
 from __future__ import annotations
@@ -40,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rewards as R  # noqa: E402
 import train  # noqa: E402
 from grpo_min.metrics import PhaseTimer  # noqa: E402
-from grpo_min.models import load_model, load_reference, resolve_dtype  # noqa: E402
+from grpo_min.models import load_policy, load_reference, prepare_policy, resolve_dtype  # noqa: E402
 from grpo_min.optim import make_optimizer  # noqa: E402
 from grpo_min.prompts import CHAIN_OF_BOX  # noqa: E402
 from grpo_min.rollout import completion_logps, encode_prompts  # noqa: E402
@@ -51,23 +55,40 @@ PHASES = ("encode", "generate", "rewards", "old_policy", "reference", "policy", 
 PHRASES = ["small left apical pneumothorax", "right lower lobe consolidation", "enlarged cardiac silhouette"]
 
 
-def load_models(args, device, dtype):
-    """(policy, reference or None, processor) from ``--model PATH`` or ``--model-config NAME``."""
+def train_config(args) -> train.Config:
+    """train.py's Config for the measured step (train.py's defaults for whatever the benchmark does not set)."""
+    return train.Config(num_generations=args.num_generations, batch_size=args.batch_size,
+                        max_completion_length=args.max_completion_length, beta=args.beta, loss_type=args.loss_type,
+                        num_iterations=args.num_iterations, temperature=args.temperature,
+                        learning_rate=args.learning_rate, optim=args.optim, dtype=args.dtype, seed=args.seed,
+                        gradient_checkpointing=args.gradient_checkpointing, lora_r=args.lora_r,
+                        lora_alpha=2.0 * args.lora_r if args.lora_r else None,
+                        compile_generation=args.compile_generation)
+
+
+def load_models(args, device):
+    """(policy, reference or None, processor) from ``--model PATH`` or ``--model-config NAME``, the policy
+    prepared as train.py prepares it; no reference with LoRA (the policy with its adapters off) or beta 0."""
+    cfg = train_config(args)
+    full_reference = args.beta > 0 and not args.lora_r
     if args.model:
-        policy, processor, _ = load_model(args.model, dtype=dtype, device=device)
-        reference = load_reference(args.model, dtype=dtype, device=device) if args.beta > 0 else None
+        policy, processor, _ = load_policy(args.model, cfg, device)
+        reference = load_reference(args.model, dtype=torch.float32, device=device) if full_reference else None
     else:
         processor = build_processor()
+        # as load_policy: float32 weights to fine-tune, or a frozen LoRA base in the compute precision
+        dtype = resolve_dtype(args.dtype, device) if args.lora_r else torch.float32
         with torch.device(device):  # draw the weights where they will live (a 7B model is slow to build in RAM)
             policy = random_model(args.model_config, processor, args.seed).to(dtype)
-        reference = copy.deepcopy(policy).eval().requires_grad_(False) if args.beta > 0 else None
+        reference = copy.deepcopy(policy).eval().requires_grad_(False) if full_reference else None
+        policy = prepare_policy(policy, cfg, device)
     # An S x S image must reach the vision tower unresized: widen the processor's pixel limits to S*S.
     size = dict(processor.image_processor.size)
     area = args.image_size ** 2
     size["shortest_edge"] = min(size.get("shortest_edge", area), area)
     size["longest_edge"] = max(size.get("longest_edge", area), area)
     processor.image_processor.size = size
-    return policy.train(), reference, processor
+    return policy, reference, processor
 
 
 def synthetic_image(size: int, seed: int) -> Image.Image:
@@ -103,6 +124,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-generation", action="store_true",
                    help="sample with a static KV cache and a decode step compiled with CUDA graphs, as train.py's")
     p.add_argument("--seed", type=int, default=0, help="seed for the random model, the image and sampling")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank, as train.py's --lora-r (alpha 2 r; 0: full "
+                   "fine-tuning)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="as train.py's --gradient-checkpointing")
     p.add_argument("--no-image-once", action="store_true",
                    help="score on the plain path: every completion row carries its prompt and image, so both go "
                         "through the model G times (measures the fast path of completion_logps)")
@@ -113,6 +137,8 @@ def parse_args(argv=None):
         p.error(f"--image-size {args.image_size}: must be a multiple of 28 (Qwen2.5-VL's patch x merge size)")
     if args.steps < 2:
         p.error("--steps must be at least 2 (the first is warm-up)")
+    if args.lora_r < 0:
+        p.error(f"--lora-r {args.lora_r}: expected 0 (off) or more")
     return args
 
 
@@ -121,12 +147,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
-    policy, reference, processor = load_models(args, device, torch.float32)
-    S, G = args.image_size, args.num_generations
-    cfg = train.Config(num_generations=G, batch_size=args.batch_size, max_completion_length=args.max_completion_length,
-                       beta=args.beta, loss_type=args.loss_type, num_iterations=args.num_iterations,
-                       temperature=args.temperature, learning_rate=args.learning_rate, optim=args.optim,
-                       dtype=args.dtype, compile_generation=args.compile_generation)
+    policy, reference, processor = load_models(args, device)
+    S, G, cfg = args.image_size, args.num_generations, train_config(args)
     optimizer, scheduler = make_optimizer(policy.parameters(), lr=args.learning_rate,
                                           fused=args.optim == "adamw_torch_fused", total_steps=args.steps)
     if args.no_image_once:  # the patch point any ablation uses: train.py's module-level names
@@ -145,8 +167,10 @@ def main(argv=None):
         raise SystemExit(f"the processor resized the {S} px image to {check.resized_sizes[0]}")
     visual_tokens = int(check.inputs["image_grid_thw"].prod(-1).item()) // 4
     n_params = sum(p.numel() for p in policy.parameters())
+    n_trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     source = args.model or f"random {args.model_config}"
-    print(f"{source}: {n_params / 1e6:.2f} M parameters, {dtype}, {device}; {args.batch_size} prompt(s) x {G} "
+    print(f"{source}: {n_params / 1e6:.2f} M parameters ({n_trained / 1e6:.2f} M trained"
+          f"{f', LoRA r {args.lora_r}' if args.lora_r else ''}), {dtype}, {device}; {args.batch_size} prompt(s) x {G} "
           f"completions, image {S} px ({visual_tokens} visual tokens), prompt {check.inputs['input_ids'].shape[1]} "
           f"tokens, max completion {args.max_completion_length}, beta {args.beta}, "
           f"scoring: {'plain path' if args.no_image_once else 'prompt and image once per group'}", flush=True)
@@ -177,7 +201,9 @@ def main(argv=None):
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KB on Linux
         "step_over_generate": round(statistics.median(totals) / medians["generate"], 3),
         **{f"{ph}_s": round(v, 4) for ph, v in medians.items()},
-        "model": source, "parameters_m": round(n_params / 1e6, 2), "image_size": S, "visual_tokens": visual_tokens,
+        "model": source, "parameters_m": round(n_params / 1e6, 2), "trained_parameters_m": round(n_trained / 1e6, 3),
+        "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing,
+        "image_size": S, "visual_tokens": visual_tokens,
         "num_generations": G, "batch_size": args.batch_size, "max_completion_length": args.max_completion_length,
         "beta": args.beta, "loss_type": args.loss_type, "num_iterations": args.num_iterations,
         "dtype": str(dtype).replace("torch.", ""), "device": device.type,

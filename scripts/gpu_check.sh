@@ -10,8 +10,10 @@
 #            ours without / with --compile-generation / TRL, from this section and the bench section.
 #   train    train.py for a few steps under torchrun on the one GPU, with DDP and with --fsdp (FSDP2):
 #            step time and peak GPU memory from metrics.jsonl.
+#   lora     LoRA r 64 on the same model, bf16 base, with and without gradient checkpointing, and full
+#            fine-tuning on the same card (scripts/bench.py): peak GPU memory and step time.
 #
-#   OUT=runs/gpu_check bash scripts/gpu_check.sh                            # all three
+#   OUT=runs/gpu_check bash scripts/gpu_check.sh                            # all four
 #   OUT=runs/gpu_check SECTIONS="bench compile" bash scripts/gpu_check.sh   # ours with and without compiled
 #                                                                           # decoding vs TRL, in one call
 #   OUT=runs/gpu_check SECTIONS=train bash scripts/gpu_check.sh
@@ -26,7 +28,7 @@
 # compile.txt (the three-way table), compile-{1,4}.txt (each run's log), train.txt and train-{ddp,fsdp}.jsonl.
 set -u
 OUT=${OUT:-runs/gpu_check}
-SECTIONS=${SECTIONS:-bench compile train}
+SECTIONS=${SECTIONS:-bench compile train lora}
 mkdir -p "$OUT"
 WHEELS=${WHEELS:-.whl}
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -117,3 +119,50 @@ print(f"train.py {mode}: {len(rows)} steps, median step {statistics.median(r['st
 EOF
     done
 fi
+
+# ======================================================================================= BEGIN LoRA block
+# lora: LoRA (train.py --lora-r): r 64 on a random model with Qwen2.5-VL-3B's dimensions, the frozen base in bf16,
+#    float32 adapters and AdamW state, the reference = the base with its adapters off (no second copy). One GPU,
+#    scripts/bench.py (train.py's grpo_step and policy preparation), the settings of section 1 at 1 prompt per
+#    step (G 8, $LENGTH tokens, $SIZE px, beta 0.04): with and without --gradient-checkpointing, then full
+#    fine-tuning with the same flags on the same card as the baseline. Peak GPU memory and seconds per step
+#    land in $OUT/lora.txt (summary table at its end) and $OUT/lora.jsonl; scripts/lora_memory.py's counted
+#    weights + optimizer table (no activations) in $OUT/lora_memory.txt. Self-contained: it needs only the
+#    variables set at the top of this file, so it can also be run alone:
+#      sed -n '/^# =* BEGIN LoRA/,/^# =* END LoRA/p' scripts/gpu_check.sh > /tmp/lora_check.sh
+#      OUT=runs/gpu_check MODEL_CONFIG=3b DTYPE=bfloat16 LENGTH=256 SIZE=448 STEPS=3 bash /tmp/lora_check.sh
+if has lora; then
+echo "== lora: LoRA r 64, $MODEL_CONFIG-sized, $DTYPE base, one GPU: bench.py with and without gradient checkpointing, full FT baseline"
+mkdir -p "$OUT"
+python3 scripts/lora_memory.py --lora-r 64 2>&1 | tee "$OUT/lora_memory.txt"
+: > "$OUT/lora.jsonl"
+for variant in "lora" "lora-gc" "full"; do
+    case $variant in
+        lora) extra="--lora-r 64" ;;
+        lora-gc) extra="--lora-r 64 --gradient-checkpointing" ;;
+        full) extra="" ;;
+    esac
+    echo "-- $variant: scripts/bench.py --model-config $MODEL_CONFIG $extra" | tee -a "$OUT/lora.txt"
+    timeout ${LORA_TIMEOUT:-240} python3 scripts/bench.py --model-config "$MODEL_CONFIG" --dtype "$DTYPE" $extra \
+        --image-size "$SIZE" --num-generations 8 --max-completion-length "$LENGTH" --beta 0.04 --batch-size 1 \
+        --steps "$STEPS" > "/tmp/lora-$variant.txt" 2>&1
+    echo "exit code $?" >> "/tmp/lora-$variant.txt"
+    tail -n 14 "/tmp/lora-$variant.txt" | tee -a "$OUT/lora.txt"
+    tail -n 2 "/tmp/lora-$variant.txt" | head -n 1 | grep '^{' | python3 -c "import json, sys
+print(json.dumps({'variant': '$variant', **json.loads(sys.stdin.read())}))" >> "$OUT/lora.jsonl" 2>/dev/null
+done
+python3 - "$OUT/lora.jsonl" <<'PYEOF' 2>&1 | tee -a "$OUT/lora.txt"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("| variant | trained M params | peak GPU GiB | s/step | generate s | policy s | reference s | tokens/step |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['variant']} | {r['trained_parameters_m']:.1f} | {r.get('peak_gpu_mb', float('nan')) / 1024:.1f} | "
+          f"{r['seconds_per_step']:.2f} | {r['generate_s']:.2f} | {r['policy_s']:.2f} | {r['reference_s']:.2f} | "
+          f"{r['completion_tokens_per_step']:.0f} |")
+missing = {"lora", "lora-gc", "full"} - {r["variant"] for r in rows}
+if missing:
+    print(f"no result for {sorted(missing)} (out of memory or timed out: see the lines above)")
+PYEOF
+fi
+# ========================================================================================= END LoRA block

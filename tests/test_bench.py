@@ -17,9 +17,10 @@ from grpo_min.rollout import completion_logps, encode_prompts, generate_completi
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_runs_and_ends_with_a_json_line():
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_bench_runs_and_ends_with_a_json_line(lora_r):
     cmd = [sys.executable, "scripts/bench.py", "--model-config", "tiny", "--image-size", "112", "--steps", "2",
-           "--max-completion-length", "8", "--num-generations", "2"]
+           "--max-completion-length", "8", "--num-generations", "2", "--lora-r", str(lora_r)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -40,13 +41,24 @@ def test_bench_runs_and_ends_with_a_json_line():
         out["completion_tokens_per_step"] / out["seconds_per_step"], rel=0.01)
     assert out["peak_rss_mb"] > 100  # torch and a model are loaded: never a few MB
     assert out["fused_adamw"] is True  # train.py's default optimizer
+    # LoRA: adapters alone train (the reference pass above ran: the policy with its adapters off)
+    assert out["lora_r"] == lora_r and (out["trained_parameters_m"] < 0.1 * out["parameters_m"]) == bool(lora_r)
 
 
-def test_fast_paths_give_the_plain_paths_logps_and_gradients(monkeypatch):
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_fast_paths_give_the_plain_paths_logps_and_gradients(lora_r, monkeypatch):
     """Sharing the prompt (default), or only the image features (under gradient checkpointing), scores
-    like the plain path, gradients included, for prompts of different lengths (left padding)."""
+    like the plain path, gradients included, for prompts of different lengths (left padding); with LoRA
+    adapters (non-zero B, so that they count) too, and switched off they give the base's log-probs."""
+    from grpo_min import lora
+
     processor = tiny.build_processor()
     model = tiny.build_model(processor, seed=1)
+    if lora_r:
+        base = tiny.build_model(processor, seed=1).eval()  # the same weights, without adapters
+        lora.add_lora(model, r=lora_r, lora_alpha=2 * lora_r)
+        for layer in lora.lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
     samples = [data.synthetic_sample(i, "val") for i in range(2)]
     phrases = [samples[0].text, samples[1].text + " on the frontal view"]  # unequal lengths: left padding
     prompts = encode_prompts(processor, [s.load_image() for s in samples], phrases, CHAIN_OF_BOX)
@@ -65,7 +77,7 @@ def test_fast_paths_give_the_plain_paths_logps_and_gradients(monkeypatch):
         logps = completion_logps(model, prompts, rollout.completion_ids, rollout.completion_mask, group_size=3,
                                  temperature=0.7, never_ids=never, **kw)
         (logps * rollout.completion_mask).sum().backward()
-        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain, plain_grads = logps_and_grads(encode_image_once=False)
     assert not shared_calls
@@ -78,7 +90,20 @@ def test_fast_paths_give_the_plain_paths_logps_and_gradients(monkeypatch):
         torch.testing.assert_close(logps, plain, atol=1e-5, rtol=0)
         for name, grad in plain_grads.items():
             torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
-    assert plain_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0  # the vision tower learns too
+    if not lora_r:
+        assert plain_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0  # the vision tower learns too
+        return
+    # LoRA: only the adapters train, each gets a gradient; switched off, the model scores as its base
+    assert sorted(plain_grads) == sorted(n for n, _ in model.named_parameters() if ".lora_" in n)
+    assert all(g.abs().sum() > 0 for g in plain_grads.values())
+    with torch.no_grad(), lora.adapters_off(model):
+        off = completion_logps(model, prompts, rollout.completion_ids, rollout.completion_mask, group_size=3,
+                               temperature=0.7, never_ids=never)
+    with torch.no_grad():
+        torch.testing.assert_close(off, completion_logps(base, prompts, rollout.completion_ids, rollout.completion_mask,
+                                                         group_size=3, temperature=0.7, never_ids=never),
+                                   atol=1e-5, rtol=0)
+    assert (off - plain).abs().max() > 1e-3  # (the adapters do change the log-probs)
 
 
 def test_one_token_completions_still_go_through_the_wrapper():

@@ -297,8 +297,10 @@ def test_train_help():
     out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0
     for option in ("--num-generations", "--beta", "--epsilon-high", "--loss-type", "--scale-rewards",
-                   "--max-completion-length", "--temperature", "--learning-rate", "--template", "--num-iterations"):
+                   "--max-completion-length", "--temperature", "--learning-rate", "--template", "--num-iterations",
+                   "--lora-r", "--lora-target-modules", "--merge-lora"):
         assert option in out.stdout
+    assert "(default: 2 x --lora-r)" in " ".join(out.stdout.split())
     assert "replaces some defaults above: --batch-size 8," in " ".join(out.stdout.split())
 
 
@@ -441,6 +443,8 @@ def test_rewards_never_raise_and_count_failures():
     ("--max-grad-norm", "-1", "0 (no clipping) or more"), ("--epsilon", "-0.1", "a positive number"),
     ("--num-generations", "1", "at least 2"), ("--max-steps", "0", "at least 1"), ("--eval-steps", "-1", "0 (never)"),
     ("--batch-size", "0", "at least 1"), ("--temperature", "0", "a positive number"), ("--eval-limit", "0", "at least 1"),
+    ("--lora-r", "-1", "0 (off: full fine-tuning) or more"), ("--lora-alpha", "0", "a positive number"),
+    ("--lora-dropout", "1", "0 or more and below 1"),
 ])
 def test_options_that_would_train_wrong_or_crash_later_are_refused_at_once(option, value, expected, capsys):
     import train

@@ -33,7 +33,20 @@ def run(args, nproc=1, env=None, **kw):
 
 
 def weights(folder):
-    return load_file(Path(folder) / "model.safetensors")
+    """A full model's tensors, or a LoRA adapter's (peft's names)."""
+    folder = Path(folder)
+    return load_file(folder / ("adapter_model.safetensors" if is_adapter(folder) else "model.safetensors"))
+
+
+def is_adapter(folder):
+    return (Path(folder) / "adapter_config.json").exists()
+
+
+def moved(model_dir, final):
+    """How far training moved the weights: a full model's from the start, an adapter's B from its initial 0."""
+    if is_adapter(final):
+        return max(v.abs().max().item() for k, v in weights(final).items() if ".lora_B." in k)
+    return max_diff(weights(model_dir), weights(final))
 
 
 def max_diff(a, b):
@@ -48,38 +61,123 @@ def without_timing(line):
     return {k: v for k, v in line.items() if k not in TIMING}
 
 
-def straight(model_dir, out, nproc):
+LORA = ("--lora-r", "8")  # LoRA adapters on the default targets (alpha 16)
+# (processes, options) of each kind of straight run; the one-process LoRA run also serves two updates per rollout
+KINDS = {"1": (1, ()), "2": (2, ()), "1-lora": (1, (*LORA, "--num-iterations", "2")), "2-lora": (2, LORA)}
+
+
+def straight(model_dir, out, nproc, *extra):
     """4 steps straight, checkpoints at steps 2 and 4."""
-    run(small_run(model_dir, out, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3"), nproc=nproc,
-        env={"GRPO_MIN_TEST_TRACE": str(out.with_name(out.name + "-trace"))})  # what each rank trained on
+    run(small_run(model_dir, out, "--max-steps", "4", "--save-steps", "2", "--save-total-limit", "3", *extra),
+        nproc=nproc, env={"GRPO_MIN_TEST_TRACE": str(out.with_name(out.name + "-trace"))})  # what each rank trained on
     # Every step had a gradient and the weights moved: the resume tests compare weights that changed.
     assert all(l["grad_norm"] > 0 and l["frac_zero_std"] < 1 for l in metrics(out))
-    assert all(l["clip_fraction"] == 0 for l in metrics(out))  # one update per rollout: the ratio is exactly 1
-    assert max_diff(weights(model_dir), weights(out / "final")) > 1e-3
+    if "--num-iterations" not in extra:  # one update per rollout: the ratio is exactly 1
+        assert all(l["clip_fraction"] == 0 for l in metrics(out))
+    assert moved(model_dir, out / "final") > 1e-3
     return out
 
 
 @pytest.fixture(scope="module")
-def straight1(tiny_model_dir, tmp_path_factory):
-    return straight(tiny_model_dir, tmp_path_factory.mktemp("straight1"), nproc=1)
+def straight_run(tiny_model_dir, tmp_path_factory):
+    """straight_run(kind) -> the folder of a straight run of that kind (KINDS), run once per module."""
+    done = {}
+
+    def get(kind):
+        if kind not in done:
+            nproc, extra = KINDS[kind]
+            done[kind] = straight(tiny_model_dir, tmp_path_factory.mktemp(f"straight{kind}"), nproc, *extra)
+        return done[kind]
+    return get
 
 
 @pytest.fixture(scope="module")
-def straight2(tiny_model_dir, tmp_path_factory):
-    return straight(tiny_model_dir, tmp_path_factory.mktemp("straight2"), nproc=2)
+def straight1(straight_run):
+    return straight_run("1")
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_is_exact(nproc, request, tiny_model_dir, tmp_path):
-    """4 steps straight == 2 steps + resume + 2 steps: same final weights, same metrics lines."""
-    first = request.getfixturevalue(f"straight{nproc}")
+@pytest.fixture(scope="module")
+def straight2(straight_run):
+    return straight_run("2")
+
+
+@pytest.mark.parametrize("kind", ["1", "2", "1-lora"])
+def test_resume_is_exact(kind, straight_run, tiny_model_dir, tmp_path):
+    """4 steps straight == 2 steps + resume + 2 steps: same final weights, same metrics lines. A LoRA run
+    loads its base from --model and its adapter from the checkpoint, and ends with the very same adapter."""
+    first, (nproc, extra) = straight_run(kind), KINDS[kind]
     assert (first / "checkpoint-2" / "COMPLETE").exists() and (first / "checkpoint-4").exists()
     resumed = tmp_path / "resumed"
-    run(small_run(tiny_model_dir, resumed, "--max-steps", "4", "--resume", str(first / "checkpoint-2")),
+    run(small_run(tiny_model_dir, resumed, "--max-steps", "4", "--resume", str(first / "checkpoint-2"), *extra),
         nproc=nproc)
     # bitwise: the same CPU and thread count, the semantic reward on (tests/train_with_test_reward.py adds to it)
     assert max_diff(weights(first / "final"), weights(resumed / "final")) == 0.0
     assert [without_timing(l) for l in metrics(first)[2:]] == [without_timing(l) for l in metrics(resumed)]
+    if nproc == 2:  # DDP: the replicas agree after every step
+        assert all(l["replica_divergence"] == 0.0 for l in metrics(first) + metrics(resumed))
+
+
+def test_a_lora_run_writes_adapters_that_peft_and_evaluate_load(straight_run, tiny_model_dir, tmp_path):
+    """--lora-r: the reference is the policy with its adapters off (KL exactly 0 at step 1); checkpoints and
+    final/ hold the adapter in peft's layout with the processor (checkpoints also optimizer, scheduler and RNG
+    state); peft gives the same logits as our load_model; evaluate.py takes the folder as --model."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    import data
+    import evaluate
+    from grpo_min.checkpoint import check_checkpoint
+    from grpo_min.models import load_model, load_policy
+    from grpo_min.prompts import CHAIN_OF_BOX
+    from grpo_min.rollout import encode_prompts
+    from train import parse_config
+
+    out = straight_run("1-lora")
+    lines = metrics(out)
+    assert lines[0]["kl"] == 0.0 and lines[-1]["kl"] > 0  # the same model as the reference, then it moved away
+    assert lines[0]["reward"] == lines[1]["reward"] != lines[2]["reward"]  # --num-iterations 2: shared rollouts
+    for folder in (out / "checkpoint-2", out / "final"):
+        files = {p.name for p in folder.iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json"} <= files
+        assert "model.safetensors" not in files and "config.json" not in files  # the base is not copied
+    assert {"optimizer.pt", "scheduler.pt", "rng_state_rank0.pt", "trainer_state.json", "COMPLETE"} <= \
+        {p.name for p in (out / "checkpoint-2").iterdir()}
+    assert check_checkpoint(out / "checkpoint-2")["step"] == 2
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16.0, 0.0)
+    assert config["base_model_name_or_path"] == str(tiny_model_dir) and "q_proj" in config["target_modules"]
+    optimizer = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert len(optimizer["state"]) == len(weights(out / "final")) == 2 * 7 * 2  # A and B of 7 layers x 2 blocks
+
+    ours, processor, _ = load_model(out / "final")
+    theirs = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), out / "final")
+    sample = data.synthetic_sample(0, "val")
+    inputs = encode_prompts(processor, [sample.load_image()], [sample.text], CHAIN_OF_BOX).inputs
+    with torch.no_grad():
+        logits, peft_logits = ours.eval()(**inputs).logits, theirs.eval()(**inputs).logits
+        base_logits = load_model(tiny_model_dir)[0].eval()(**inputs).logits
+    torch.testing.assert_close(peft_logits, logits, atol=1e-5, rtol=0)
+    assert (logits - base_logits).abs().max() > 1e-3  # (the adapter counts)
+
+    assert evaluate.main(["--model", str(out / "final"), "--limit", "2", "--max-new-tokens", "16",
+                          "--output-dir", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 2
+    # a checkpoint resumes only as the kind of run that wrote it
+    with pytest.raises(ValueError, match="written by a LoRA fine-tuning run"):
+        load_policy(tiny_model_dir, parse_config(["--model", str(tiny_model_dir)]), "cpu", out / "checkpoint-2")
+    with pytest.raises(ValueError, match=r"r=8, lora_alpha=16.0; the model's LoRA layers have .* \[\(4, 8.0\)\]"):
+        load_policy(tiny_model_dir, parse_config(["--model", str(tiny_model_dir), "--lora-r", "4"]), "cpu",
+                    out / "checkpoint-2")
+
+
+def test_ddp_with_lora_keeps_the_replicas_equal(straight_run):
+    """DDP on 2 ranks with --lora-r: only the adapters are synchronised (the base is frozen); every rank
+    holds the same adapters after every step, and the reference is the base on each."""
+    out = straight_run("2-lora")  # (the adapters moved: straight() checks)
+    lines = metrics(out)
+    assert all(l["replica_divergence"] == 0.0 for l in lines) and lines[0]["kl"] == 0.0 and lines[-1]["kl"] > 0
+    assert {p.name for p in (out / "checkpoint-2").glob("rng_state_rank*.pt")} == {"rng_state_rank0.pt",
+                                                                                   "rng_state_rank1.pt"}
 
 
 def test_ddp_ranks_agree_and_metrics_are_global(straight2):
@@ -102,16 +200,16 @@ def test_ddp_ranks_agree_and_metrics_are_global(straight2):
     assert (straight2 / "checkpoint-2" / "rng_state_rank1.pt").exists()
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigterm_saves_and_resumes_to_the_same_result(nproc, request, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["1", "2", "1-lora"])
+def test_sigterm_saves_and_resumes_to_the_same_result(kind, straight_run, tiny_model_dir, tmp_path):
     """SIGTERM mid-run (to every process, as SLURM does): a checkpoint at the end of the current step on
     every rank, exit 0 with the resume command; resuming gives the uninterrupted run's weights."""
-    straight_run = request.getfixturevalue(f"straight{nproc}")
+    (nproc, extra), uninterrupted = KINDS[kind], straight_run(kind)
     out = tmp_path / "preempted"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc_per_node={nproc}"]
-    proc = subprocess.Popen(launcher + small_run(tiny_model_dir, out, "--max-steps", "4"), cwd=ROOT, env=env,
+    proc = subprocess.Popen(launcher + small_run(tiny_model_dir, out, "--max-steps", "4", *extra), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
@@ -125,8 +223,8 @@ def test_sigterm_saves_and_resumes_to_the_same_result(nproc, request, tiny_model
     saved = [p for p in out.glob("checkpoint-*") if (p / "COMPLETE").exists()]
     assert len(saved) == 1 and not (out / "final").exists()
     assert len(list(saved[0].glob("rng_state_rank*.pt"))) == nproc
-    run(small_run(tiny_model_dir, out, "--max-steps", "4", "--resume", "auto"), nproc=nproc)
-    assert max_diff(weights(straight_run / "final"), weights(out / "final")) == 0.0
+    run(small_run(tiny_model_dir, out, "--max-steps", "4", "--resume", "auto", *extra), nproc=nproc)
+    assert max_diff(weights(uninterrupted / "final"), weights(out / "final")) == 0.0
     assert [l["step"] for l in metrics(out)] == [1, 2, 3, 4]
 
 
@@ -238,8 +336,10 @@ def test_resuming_on_another_number_of_ranks_continues_the_data(straight2, tiny_
     assert [l["step"] for l in metrics(tmp_path / "r")] == [3, 4]
 
 
-def test_non_finite_updates_are_skipped_then_the_run_stops(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_non_finite_updates_are_skipped_then_the_run_stops(lora, tiny_model_dir, tmp_path, monkeypatch):
     import train
+    from grpo_min import lora as lora_module
 
     real_loss = train.grpo_loss
 
@@ -248,10 +348,15 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(tiny_model_dir, tmp_p
         return loss * float("nan"), stats
 
     monkeypatch.setattr(train, "grpo_loss", nan_loss)
+    extra = LORA if lora else ()
     start = {k: v.clone() for k, v in weights(tiny_model_dir).items()}
+    if lora:  # the adapters a run starts from (A drawn from --seed, B = 0)
+        cfg = train.parse_config(["--model", str(tiny_model_dir), *extra])
+        start = lora_module.adapter_state_dict(train.load_policy(tiny_model_dir, cfg, "cpu")[0].state_dict())
+        assert all(not v.any() for k, v in start.items() if ".lora_B." in k)
     out = tmp_path / "nan"
     code = train.main(small_run(tiny_model_dir, out, "--max-steps", "6", "--max-bad-steps", "2",
-                                "--save-steps", "1")[1:])
+                                "--save-steps", "1", *extra)[1:])
     assert code == 1
     lines = metrics(out)
     assert [l["skipped_update"] for l in lines] == [True, True]
@@ -267,21 +372,43 @@ def test_resuming_with_other_options_warns_and_names_them(straight1, tiny_model_
     assert "--epsilon was 0.2, now 0.3" in result.stdout and "--learning-rate" not in result.stdout
 
 
-def test_fsdp_two_ranks_trains_checkpoints_and_resumes_exactly(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_two_ranks_trains_checkpoints_and_resumes_exactly(lora, tiny_model_dir, tmp_path):
     """--fsdp (FSDP2, vision tower and decoder layers as units) on 2 gloo ranks: checkpoints hold full
-    weights that plain transformers loads, and resuming from one reproduces the straight run."""
-    first = tmp_path / "fsdp"
-    result = run(small_run(tiny_model_dir, first, "--max-steps", "2", "--save-steps", "1", "--fsdp"), nproc=2)
-    assert "parallel  FSDPQwen2_5_VLForConditionalGeneration on 2 rank(s)" in result.stdout  # FSDP2's sharded class
-    assert all("replica_divergence" not in l for l in metrics(first))  # (a DDP run logs its replica check)
+    weights that plain transformers loads, and resuming from one reproduces the straight run. With LoRA
+    (a bfloat16 base under float32 adapters, as on a GPU): adapter checkpoints, and --merge-lora writes
+    final/ as a plain model equal to the base with the last checkpoint's adapter."""
     from transformers import AutoModelForImageTextToText
 
-    AutoModelForImageTextToText.from_pretrained(first / "checkpoint-1")
+    extra = (*LORA, "--merge-lora", "--dtype", "bfloat16") if lora else ()
+    first = tmp_path / "fsdp"
+    result = run(small_run(tiny_model_dir, first, "--max-steps", "2", "--save-steps", "1", "--fsdp", *extra), nproc=2)
+    assert "parallel  FSDPQwen2_5_VLForConditionalGeneration on 2 rank(s)" in result.stdout  # FSDP2's sharded class
+    assert all("replica_divergence" not in l for l in metrics(first))  # (a DDP run logs its replica check)
+    assert is_adapter(first / "checkpoint-1") == lora and not is_adapter(first / "final")
+    AutoModelForImageTextToText.from_pretrained(first / "final")
+    if lora:
+        assert metrics(first)[0]["kl"] == 0.0  # even in bfloat16: the reference is the same model, adapters off
+        assert_same_logits(first / "final", first / "checkpoint-2")
     resumed = tmp_path / "fsdp-resumed"
-    run(small_run(tiny_model_dir, resumed, "--max-steps", "2", "--fsdp", "--resume", str(first / "checkpoint-1")),
-        nproc=2)
+    run(small_run(tiny_model_dir, resumed, "--max-steps", "2", "--fsdp", "--resume", str(first / "checkpoint-1"),
+                  *extra), nproc=2)
     assert max_diff(weights(first / "final"), weights(resumed / "final")) == 0.0
     assert [without_timing(l) for l in metrics(first)[1:]] == [without_timing(l) for l in metrics(resumed)]
+
+
+def assert_same_logits(folder, other):
+    """Two model folders (full or adapter, load_model reads both) give the same logits (float32, to 1e-5)."""
+    import data
+    from grpo_min.models import load_model
+    from grpo_min.prompts import CHAIN_OF_BOX
+    from grpo_min.rollout import encode_prompts
+
+    (a, processor, _), (b, _, _) = load_model(folder), load_model(other)
+    sample = data.synthetic_sample(0, "val")
+    inputs = encode_prompts(processor, [sample.load_image()], [sample.text], CHAIN_OF_BOX).inputs
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(**inputs).logits, b.eval()(**inputs).logits, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -320,7 +447,7 @@ def test_gradient_checkpointing_takes_effect(tiny_model_dir):
     from grpo_min.rollout import completion_logps, encode_prompts, generate_completions
 
     cfg = train.parse_config(["--model", str(tiny_model_dir), "--gradient-checkpointing"])
-    policy, processor, _ = train.load_policy(tiny_model_dir, cfg, torch.float32, torch.device("cpu"))
+    policy, processor, _ = train.load_policy(tiny_model_dir, cfg, torch.device("cpu"))
     sample = data.synthetic_sample(0, "val")
     prompts = encode_prompts(processor, [sample.load_image()], [sample.text], CHAIN_OF_BOX)
     rollout = generate_completions(policy, processor, prompts, num_generations=2, max_new_tokens=8)
@@ -348,7 +475,7 @@ def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tiny_model
 
     cpu = torch.device("cpu")
     cfg = train.parse_config(["--model", str(tiny_model_dir), "--dtype", "bfloat16", "--learning-rate", "1e-6"])
-    policy, processor, _ = train.load_policy(tiny_model_dir, cfg, torch.float32, cpu)
+    policy, processor, _ = train.load_policy(tiny_model_dir, cfg, cpu)
     reference = load_reference(tiny_model_dir, dtype=torch.float32, device=cpu)
     samples = [data.synthetic_sample(i, "val") for i in range(2)]
     prompts = encode_prompts(processor, [s.load_image() for s in samples], [s.text for s in samples], CHAIN_OF_BOX)
@@ -377,13 +504,20 @@ def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tiny_model
     assert kept_in_bf16 < 0.05 * moved  # what bfloat16 weights would have kept of those updates
 
 
-def test_memory_options_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_memory_options_run(lora, tiny_model_dir, tmp_path):
     """--gradient-checkpointing (scoring falls back to shared image features), accumulation, frozen vision,
-    bfloat16 compute."""
+    bfloat16 compute. With LoRA (a bfloat16 base here) and --merge-lora in one process: final/ is a plain
+    float32 model, the base with the last checkpoint's adapter merged in."""
     out = tmp_path / "mem"
+    extra = (*LORA, "--merge-lora", "--save-steps", "2") if lora else ()
     run(small_run(tiny_model_dir, out, "--max-steps", "2", "--gradient-checkpointing",
-                  "--gradient-accumulation-steps", "2", "--freeze-vision", "--warmup-steps", "2", "--dtype", "bfloat16"))
+                  "--gradient-accumulation-steps", "2", "--freeze-vision", "--warmup-steps", "2", "--dtype", "bfloat16",
+                  *extra))
     assert {w.dtype for w in weights(out / "final").values()} == {torch.float32}  # bfloat16 compute, float32 weights
+    if lora:
+        assert not is_adapter(out / "final") and is_adapter(out / "checkpoint-2")
+        assert_same_logits(out / "final", out / "checkpoint-2")
     lines = metrics(out)
     assert [l["step"] for l in lines] == [1, 2]
     assert [l["lr"] for l in lines] == pytest.approx([5e-4, 1e-3])  # the rate each update used (warm-up 1/2, 2/2)

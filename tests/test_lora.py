@@ -237,3 +237,39 @@ def test_bfloat16_base_with_float32_adapters(tiny):
         out.loss.backward()
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.lora_parameters(model))
         assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+# ---------------------------------------------------------------------------------------------- adapter folders as models
+def test_an_adapter_folder_loads_as_a_model_and_starts_a_run(tiny, tiny_model_dir, tmp_path):
+    """load_model (train.py's and evaluate.py's) reads an adapter folder: its base, then the adapter (or merged
+    in). A run started from one (--model FOLDER) trains new adapters on that merged model, and their folder,
+    whose base is the first adapter's folder, loads back the same way."""
+    from grpo_min.models import load_policy, resolve_model_path
+    from train import parse_config
+
+    model, processor, inputs = tiny
+    lora.add_lora(model, r=4, lora_alpha=8)
+    randomize_b(model)
+    first = tmp_path / "first"
+    lora.save_adapter(first, model, str(tiny_model_dir))  # no processor in it: the base's is used
+    assert resolve_model_path(str(first)) == first
+    loaded, loaded_processor, frame = load_model(first)
+    assert frame == "absolute" and loaded_processor.tokenizer.vocab_size == processor.tokenizer.vocab_size
+    torch.testing.assert_close(logits(loaded.eval(), inputs), logits(model, inputs), atol=1e-6, rtol=0)
+    merged, _, _ = load_model(first, merge_adapter=True)
+    assert not lora.lora_layers(merged)
+    torch.testing.assert_close(logits(merged.eval(), inputs), logits(model, inputs), atol=1e-5, rtol=0)
+
+    cfg = parse_config(["--model", str(first), "--lora-r", "2"])
+    policy, _, _ = load_policy(first, cfg, "cpu")  # the first adapter merged, fresh adapters (B = 0) on top
+    assert {m.r for m in lora.lora_layers(policy).values()} == {2}
+    torch.testing.assert_close(logits(policy.eval(), inputs), logits(model, inputs), atol=1e-5, rtol=0)
+    randomize_b(policy, seed=1)
+    second = tmp_path / "second"
+    lora.save_adapter(second, policy, str(first))
+    torch.testing.assert_close(logits(load_model(second)[0].eval(), inputs), logits(policy, inputs), atol=1e-5, rtol=0)
+
+    config = json.loads((first / "adapter_config.json").read_text())
+    (first / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "Qwen/Qwen2.5-VL-3B"}))
+    with pytest.raises(FileNotFoundError, match="a LoRA adapter for base_model_name_or_path 'Qwen/Qwen2.5-VL-3B'"):
+        resolve_model_path(str(first))

@@ -86,3 +86,31 @@ def test_the_banner_says_what_is_trained_and_which_rewards_are_on(tiny_model_dir
     out = capsys.readouterr().out
     assert "semantic OFF (--semantic-model none)" in out and "beta 0 (no reference loaded)" in out
     assert "spatial x1 (IoU)" in out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lora-alpha", "8"], "--lora-alpha: LoRA is off; add --lora-r R"),
+    (["--merge-lora", "--lora-dropout", "0.1"], "--lora-dropout, --merge-lora: LoRA is off"),
+    (["--lora-r", "8", "--lora-vision", "--freeze-vision"], "--freeze-vision keeps it unchanged: choose one"),
+    (["--lora-r", "8", "--lora-target-modules", "q_proj,,v_proj"], "expected comma-separated module names"),
+])
+def test_lora_options_that_contradict_or_would_do_nothing_are_refused(argv, expected, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.parse_config(argv)
+    assert stop.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_lora_defaults_and_the_demo_preset(tiny_model_dir, tmp_path):
+    import train
+
+    cfg = train.parse_config(["--lora-r", "8", "--lora-target-modules", " q_proj, v_proj"])
+    assert (cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) == (16.0, 0.0, "q_proj,v_proj")
+    assert cfg.freeze_vision  # the demo's frozen tower (the default LoRA targets leave it alone anyway) ...
+    assert not train.parse_config(["--lora-r", "8", "--lora-vision"]).freeze_vision  # ... unless it gets adapters
+    assert train.parse_config([]).lora_alpha is None  # LoRA off
+    # a target that names no layer of the model stops with one line, before training
+    with pytest.raises(SystemExit, match=r"error: target_modules \['qkv_proj'\] match no nn.Linear"):
+        train.main(["--model", str(tiny_model_dir), "--lora-r", "8", "--lora-target-modules", "qkv_proj",
+                    "--semantic-model", "none", "--output-dir", str(tmp_path / "o")])
