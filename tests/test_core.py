@@ -513,7 +513,7 @@ def test_under_torchrun_only_rank_0_prints_even_before_the_group_is_joined(monke
 def test_the_demo_preset_leaves_training_by_epochs_alone():
     import train
 
-    assert train.parse_config([]).max_steps == 300  # the demo's step count
+    assert train.parse_config([]).max_steps == 600  # the demo's step count (300 rollouts x 2 updates)
     assert train.parse_config(["--num-train-epochs", "1"]).max_steps is None  # by epochs, as asked
 
 

@@ -28,8 +28,12 @@ def test_the_demo_preset_applies_to_the_demo_only(capsys):
     import train
 
     demo = train.parse_config([])
-    assert (demo.model, demo.max_steps, demo.batch_size) == ("tiny", 300, 8)
+    assert (demo.model, demo.max_steps, demo.batch_size) == ("tiny", 600, 8)
+    assert demo.beta > 0 and demo.num_iterations == 2  # the reference and clipping are at work in the demo
     assert "Demo preset" in capsys.readouterr().out
+    assert train.parse_config(["--lora-r", "16"]).learning_rate == 5e-4  # adapters get the LoRA demo's rate
+    assert train.parse_config(["--lora-r", "16", "--learning-rate", "1e-3"]).learning_rate == 1e-3
+    capsys.readouterr()
     smoke = train.parse_config(["--dataset", "jsonl", "--data-root", "x", "--model", "tiny"])
     assert (smoke.max_steps, smoke.batch_size, smoke.beta, smoke.learning_rate) == (None, 1, 0.04, 1e-6)
     out = capsys.readouterr().out
