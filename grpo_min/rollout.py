@@ -109,7 +109,7 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
     was_training = model.training
     model.eval()
     # inference_mode, unlike no_grad, also skips autograd's bookkeeping on every op (version counters, views):
-    # about 5% of a decode step of the tiny model, whose steps are mostly per-op overhead. Not under FSDP, whose
+    # 6 to 9% of a decode step of the tiny model, whose steps are mostly per-op overhead. Not under FSDP, whose
     # weights, gathered inside the forward, must stay ordinary tensors for training. The tokens are stacked
     # after the block, into ordinary tensors that the loss can use.
     with torch.no_grad() if synced_gpus else torch.inference_mode():
