@@ -79,7 +79,6 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return (~eos_seen_before).float()
 
 
-@torch.no_grad()
 def generate_completions(model, processor, prompts: PromptBatch, *, num_generations: int, max_new_tokens: int,
                          temperature: float = 1.0, greedy: bool = False, synced_gpus: bool = False,
                          compile_generation: bool = False) -> Rollout:
@@ -109,35 +108,41 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
     penalty = _checkpoint_repetition_penalty(model) if greedy else 1.0
     was_training = model.training
     model.eval()
-    try:
-        # 1. Each prompt once; the logits of its last position predict completion token 0 of its G rows.
-        logits, cache, next_position = _prompt_pass(model, prompts, G)  # (N, V), N = B*G rows; cache; (N,)
-        N, V, device = *logits.shape, logits.device
-        step = _decode_step(model, cache, prompts, G, max_new_tokens, compiled=compile_generation)
-        del cache  # copied into the step's own
-        never_ids, eos = (torch.tensor(ids[k], dtype=torch.long, device=device) for k in ("never", "eos"))
-        never = torch.zeros(V, device=device).index_fill(0, never_ids, -torch.inf)  # (V,): -inf where never emitted
-        seen = _prompt_tokens(prompts, G, V) if penalty != 1.0 else None  # (N, V) bool, for the penalty
-        done = torch.zeros(N, dtype=torch.bool, device=device)  # rows that have emitted EOS
-        chosen = []
-        # 2. One token per step for all N rows; finished rows get padding.
-        for t in range(max_new_tokens):
-            scores = logits.float()  # (N, V)
-            if seen is not None:  # as HF's RepetitionPenaltyLogitsProcessor: seen tokens' logits move toward -inf
-                scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-            # The whole vocabulary but the never-emitted tokens, as token_logps scores it: no top-k, no top-p.
-            scores = scores / temperature + never  # (N, V)
-            token = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(-1)  # (N,)
-            token = token.masked_fill(done, ids["pad"])
-            chosen.append(token)
-            done |= torch.isin(token, eos)
-            if seen is not None:
-                seen[torch.arange(N, device=device), token] = True
-            if t + 1 == max_new_tokens or _every_rank_done(bool(done.all()), synced_gpus, device):
-                break
-            logits = step(token, next_position + t, t)  # (N, V): what follows completion token t
-    finally:
-        model.train(was_training)
+    # inference_mode, unlike no_grad, also skips autograd's bookkeeping on every op (version counters, views):
+    # 6 to 9% of a decode step of the tiny model, whose steps are mostly per-op overhead. Not under FSDP, whose
+    # weights, gathered inside the forward, must stay ordinary tensors for training. The tokens are stacked
+    # after the block, into ordinary tensors that the loss can use.
+    with torch.no_grad() if synced_gpus else torch.inference_mode():
+        try:
+            # 1. Each prompt once; the logits of its last position predict completion token 0 of its G rows.
+            logits, cache, next_position = _prompt_pass(model, prompts, G)  # (N, V), N = B*G rows; cache; (N,)
+            N, V, device = *logits.shape, logits.device
+            step = _decode_step(model, cache, prompts, G, max_new_tokens, compiled=compile_generation,
+                                through_root=synced_gpus)
+            del cache  # copied into the step's own
+            never_ids, eos = (torch.tensor(ids[k], dtype=torch.long, device=device) for k in ("never", "eos"))
+            never = torch.zeros(V, device=device).index_fill(0, never_ids, -torch.inf)  # (V,): -inf where never emitted
+            seen = _prompt_tokens(prompts, G, V) if penalty != 1.0 else None  # (N, V) bool, for the penalty
+            done = torch.zeros(N, dtype=torch.bool, device=device)  # rows that have emitted EOS
+            chosen = []
+            # 2. One token per step for all N rows; finished rows get padding.
+            for t in range(max_new_tokens):
+                scores = logits.float()  # (N, V)
+                if seen is not None:  # as HF's RepetitionPenaltyLogitsProcessor: seen tokens' logits move toward -inf
+                    scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+                # The whole vocabulary but the never-emitted tokens, as token_logps scores it: no top-k, no top-p.
+                scores = scores / temperature + never  # (N, V)
+                token = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(-1)  # (N,)
+                token = token.masked_fill(done, ids["pad"])
+                chosen.append(token)
+                done |= torch.isin(token, eos)
+                if seen is not None:
+                    seen[torch.arange(N, device=device), token] = True
+                if t + 1 == max_new_tokens or _every_rank_done(bool(done.all()), synced_gpus, device):
+                    break
+                logits = step(token, next_position + t, t)  # (N, V): what follows completion token t
+        finally:
+            model.train(was_training)
     completion_ids = torch.stack(chosen, dim=1)  # (B*G, T)
     mask = completion_mask_from_ids(completion_ids, ids["eos"])  # (B*G, T)
     longest = int(mask.sum(1).max())  # under synced_gpus a rank that waited for the others added only padding
@@ -161,7 +166,8 @@ def _every_rank_done(done_here: bool, synced_gpus: bool, device) -> bool:
     return pending.item() == 0
 
 
-def _decode_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int, compiled: bool):
+def _decode_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int, compiled: bool,
+                 through_root: bool):
     """One decode step for all N = B*G rows: f(token (N,), position (N,), t) -> logits (N, V).
 
     Row n's completion token t goes in at its M-RoPE position (the same on all three axes), sees its
@@ -170,20 +176,25 @@ def _decode_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int
     receive the prompt's. Writing in place is cheaper than growing the cache by concatenation, which
     copies it at every step (about 8% of a step on CPU for a 34 M model).
     """
-    prompt_mask = prompts.inputs["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
+    prompt_mask = prompts.inputs["attention_mask"].repeat_interleave(G, dim=0).bool()  # (N, P)
     (N, P), length = prompt_mask.shape, prompt_mask.shape[1] + max_new_tokens
     if compiled:
         length = -(-length // 256) * 256  # batches of similar prompt lengths share one CUDA graph
         static, forward = _compiled_forward(model, N, length)
     else:
         static = StaticCache(config=model.config, max_cache_len=length)
-        forward = _one_token_forward(model, static)
+        forward = _one_token_forward(model, static, through_root)
     for layer, prompt_layer in zip(static.layers, cache.layers):
         layer.update(prompt_layer.keys, prompt_layer.values)  # the prompt into slots [0, P)
-    attention_mask = torch.cat([prompt_mask, prompt_mask.new_zeros(N, length - P)], dim=1)  # (N, L): slots in use
+    in_use = torch.cat([prompt_mask, prompt_mask.new_zeros(N, length - P)], dim=1)  # (N, L) bool: slots to attend
+    # SDPA (transformers' default) takes the mask as (N, 1, 1, L). Handed that form, a view that follows
+    # in_use, transformers skips rebuilding it from the 2-D mask at every step (about 6% of a decode
+    # step of the tiny model); the other attention implementations want the 2-D mask.
+    sdpa = model.model.language_model.config._attn_implementation == "sdpa"
+    attention_mask = in_use[:, None, None, :] if sdpa else in_use
 
     def step(token, position, t):
-        attention_mask[:, P + t] = 1
+        in_use[:, P + t] = True
         if not compiled:
             return forward(token[:, None], position.view(1, -1, 1).repeat(3, 1, 1), attention_mask)
         torch.compiler.cudagraph_mark_step_begin()  # the last step's logits were used: the graph may overwrite them
@@ -192,11 +203,24 @@ def _decode_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int
     return step
 
 
-def _one_token_forward(model, static):
+def _one_token_forward(model, static, through_root: bool = False):
+    """f(tokens (N, 1), positions (3, N, 1), mask) -> (N, V) logits of the next token; writes the cache in place.
+
+    The language model and the LM head are called directly, not through the root model, whose forward
+    serves prompts: at every call it looks for images and for M-RoPE offsets to apply (about 5% of a
+    decode step of the tiny model). Under FSDP (``through_root``) the call goes through the root,
+    whose forward gathers the weights that the root's shard unit holds (the LM head's among them).
+    """
     name = _cache_argument(model)
-    return lambda token, position, attention_mask: model(  # (N, 1) tokens -> (N, V) logits
-        input_ids=token, position_ids=position, attention_mask=attention_mask, use_cache=True,
-        **{name: static}).logits[:, -1]
+    text, head = model.model.language_model, model.lm_head
+
+    def forward(token, position, mask):
+        inputs = dict(input_ids=token, position_ids=position, attention_mask=mask, use_cache=True, **{name: static})
+        if through_root:
+            return model(**inputs).logits[:, -1]
+        return head(text(**inputs).last_hidden_state)[:, -1]  # (N, 1, hidden) -> (N, V)
+
+    return forward
 
 
 def _compiled_forward(model, rows: int, length: int):

@@ -15,10 +15,12 @@ call each, and the table gives the median over the runs:
 
 A random model rarely emits EOS, and both stop only when all G rows have: the table gives the
 steps each took. "Per token" is the call's wall time divided by the G x steps tokens it produced.
-Models: "34m", random weights with Qwen2.5-VL's layout (text hidden 512, 8 layers, 8 heads, 2 KV
-heads, MLP 1024; vision hidden 384, depth 8, 6 heads, MLP 768); "53m", the same with MLPs of 2048
-and 1536 (the benchmark's "50m"); "tiny", grpo_min.tiny's (random, not warm-started); all with the
-tiny model's tokenizer (a few hundred tokens).
+Each run also times the prefill alone (a call for 1 token, which takes no decoding step), so that
+"ms / decoding step" is (median call - median prefill) / (steps - 1).
+Models (``grpo_min.tiny.random_model``): "34m", random weights with Qwen2.5-VL's layout (text hidden
+512, 8 layers, 8 heads, 2 KV heads, MLP 1024; vision hidden 384, depth 8, 6 heads, MLP 768); "50m",
+the same with MLPs of 2048 and 1536; "tiny", grpo_min.tiny's (random, not warm-started); all with the
+tiny model's tokenizer (a few hundred tokens). See ``grpo_min.tiny.MODEL_CONFIGS``.
 """
 from __future__ import annotations
 
@@ -38,35 +40,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
+from transformers import GenerationConfig  # noqa: E402
 
 from grpo_min import tiny  # noqa: E402
 from grpo_min.prompts import CHAIN_OF_BOX  # noqa: E402
 from grpo_min.rollout import encode_prompts, generate_completions, special_token_ids  # noqa: E402
 
 PHRASE = "small left apical pneumothorax"
-
-
-MLP_SIZES = {"34m": (1024, 768), "53m": (2048, 1536)}  # (text, vision) MLP widths; the rest is shared
-
-
-def random_model(name: str, processor, seed: int = 0):
-    """Qwen2.5-VL with random weights, most of them in decoder and vision blocks ("34m" or "53m")."""
-    tok, tid = processor.tokenizer, processor.tokenizer.convert_tokens_to_ids
-    text_mlp, vision_mlp = MLP_SIZES[name]
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=512, intermediate_size=text_mlp, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
-                         bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False),
-        vision_config=dict(depth=8, hidden_size=384, intermediate_size=vision_mlp, num_heads=6, out_hidden_size=512,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[3, 7]),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    torch.manual_seed(seed)
-    return Qwen2_5_VLForConditionalGeneration(config)
 
 
 def synthetic_image(size: int, seed: int = 0) -> Image.Image:
@@ -88,38 +68,45 @@ def measure(model, processor, size: int, G: int, T: int, runs: int) -> dict:
     if prompts.resized_sizes[0] != (size, size):
         raise SystemExit(f"the processor resized the {size} px image to {prompts.resized_sizes[0]}")
     ids = special_token_ids(processor)
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=T,
-                              num_return_sequences=G, eos_token_id=ids["eos"], pad_token_id=ids["pad"],
-                              suppress_tokens=ids["never"])
     P = prompts.inputs["input_ids"].shape[1]
 
-    def ours():
-        out = generate_completions(model, processor, prompts, num_generations=G, max_new_tokens=T)
+    def ours(tokens):
+        out = generate_completions(model, processor, prompts, num_generations=G, max_new_tokens=tokens)
         return out.completion_ids.shape[1]
 
-    def hf():
+    def hf(tokens):
+        config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
+                                  num_return_sequences=G, eos_token_id=ids["eos"], pad_token_id=ids["pad"],
+                                  suppress_tokens=ids["never"])
         with torch.no_grad():
             return model.generate(**prompts.inputs, generation_config=config).shape[1] - P
 
-    samples = {"ours": [], "hf": []}
+    # The whole call (T tokens), and the prefill alone (1 token: no decoding step), alternately.
+    calls = [(who, tokens) for tokens in (T, 1) for who in ("ours", "hf")]
+    run_one = {"ours": ours, "hf": hf}
+    samples = {call: [] for call in calls}
     torch.manual_seed(0)
-    ours(), hf()  # warm-up
+    ours(T), hf(T)  # warm-up
     for run in range(runs):
-        for who, fn in (("ours", ours), ("hf", hf)) if run % 2 == 0 else (("hf", hf), ("ours", ours)):
-            samples[who].append(timed(fn))
+        for who, tokens in calls if run % 2 == 0 else calls[::-1]:
+            samples[who, tokens].append(timed(lambda: run_one[who](tokens)))
     row = {"image_size": size, "prompt_tokens": P, "visual_tokens": int(prompts.inputs["image_grid_thw"].prod()) // 4,
            "num_generations": G, "max_new_tokens": T, "runs": runs}
-    for who, got in samples.items():
+    for who in run_one:
+        got, prefill = samples[who, T], statistics.median(s for s, _ in samples[who, 1])
         row[f"{who}_s"] = statistics.median(s for s, _ in got)
         row[f"{who}_ms_per_token"] = statistics.median(1000 * s / (G * steps) for s, steps in got)
         row[f"{who}_steps"] = sorted({steps for _, steps in got})
+        row[f"{who}_prefill_s"] = prefill
+        steps = statistics.median(steps for _, steps in got)
+        row[f"{who}_ms_per_step"] = 1000 * (row[f"{who}_s"] - prefill) / (steps - 1) if steps > 1 else float("nan")
     row["ratio"] = row["ours_ms_per_token"] / row["hf_ms_per_token"]
     return row
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["34m", "tiny"], choices=["34m", "53m", "tiny"])
+    p.add_argument("--models", nargs="+", default=["34m", "tiny"], choices=["tiny", *tiny.MODEL_CONFIGS])
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="image sizes in pixels, multiples of 28 (default: 112 224 448 for tiny, 224 for the others)")
     p.add_argument("--num-generations", type=int, default=8)
@@ -139,19 +126,22 @@ def main():
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": widest}  # S x S stays unresized
     rows = []
     for name in args.models:
-        model = (tiny.build_model(processor, seed=0) if name == "tiny" else random_model(name, processor)).eval()
+        model = tiny.random_model(name, processor, seed=0).eval()
         n_params = sum(q.numel() for q in model.parameters()) / 1e6
         for size in args.sizes or ([112, 224, 448] if name == "tiny" else [224]):
             row = {"model": name, "parameters_m": round(n_params, 2),
                    **measure(model, processor, size, args.num_generations, args.max_new_tokens, args.runs)}
             rows.append(row)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    print("\n| model | image | prompt tokens | ours s | HF s | ours ms / token | HF ms / token | ours / HF | steps |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | image | prompt tokens | ours s | HF s | ours ms / token | HF ms / token | ours / HF | steps "
+          "| prefill s, ours / HF | ms / decoding step, ours / HF |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']}, {r['parameters_m']:.2f} M | {r['image_size']} px | {r['prompt_tokens']} | "
               f"{r['ours_s']:.3f} | {r['hf_s']:.3f} | {r['ours_ms_per_token']:.2f} | {r['hf_ms_per_token']:.2f} | "
-              f"**{r['ratio']:.2f}x** | {r['ours_steps']} / {r['hf_steps']} |")
+              f"**{r['ratio']:.2f}x** | {r['ours_steps']} / {r['hf_steps']} | "
+              f"{r['ours_prefill_s']:.3f} / {r['hf_prefill_s']:.3f} | "
+              f"{r['ours_ms_per_step']:.2f} / {r['hf_ms_per_step']:.2f} |")
 
 
 if __name__ == "__main__":

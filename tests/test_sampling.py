@@ -109,10 +109,9 @@ def test_greedy_decoding_gives_hf_generates_tokens(model_and_processor, repetiti
     assert ours.shape[1] > 5  # row 1 went on
 
 
-def test_sampled_tokens_have_the_log_probs_the_loss_scores(model_and_processor, monkeypatch):
-    """The distribution each token was drawn from (recorded at torch.multinomial) gives it the
-    log-prob completion_logps scores: temperature, the whole vocabulary, never-emitted tokens at 0."""
-    model, processor = model_and_processor
+def sampled_logps_are_the_scored_ones(model, processor, monkeypatch):
+    """Samples 3 completions of two prompts, recording the distribution each token was drawn from at
+    torch.multinomial, and checks that it gives the token the log-prob completion_logps scores."""
     never = special_token_ids(processor)["never"]
     drawn_from = []
     real = torch.multinomial
@@ -129,6 +128,12 @@ def test_sampled_tokens_have_the_log_probs_the_loss_scores(model_and_processor, 
     torch.testing.assert_close(scored * mask, sampled * mask, atol=1e-5, rtol=0)
 
 
+def test_sampled_tokens_have_the_log_probs_the_loss_scores(model_and_processor, monkeypatch):
+    """The distribution each token was drawn from (recorded at torch.multinomial) gives it the
+    log-prob completion_logps scores: temperature, the whole vocabulary, never-emitted tokens at 0."""
+    sampled_logps_are_the_scored_ones(*model_and_processor, monkeypatch)
+
+
 def test_sampling_with_a_seed_is_reproducible(model_and_processor):
     model, processor = model_and_processor
     prompts = two_prompts(processor)
@@ -140,6 +145,26 @@ def test_sampling_with_a_seed_is_reproducible(model_and_processor):
     first = sample(0)
     assert torch.equal(sample(0), first)
     assert not torch.equal(sample(1), first)
+
+
+def test_a_rollout_can_enter_the_loss(model_and_processor):
+    """Sampling runs under inference_mode, whose tensors autograd refuses to save for backward; the rollout's
+    must be ordinary tensors, since the loss multiplies log-probs by the completion mask."""
+    model, processor = model_and_processor
+    out = generate_completions(model, processor, two_prompts(processor), num_generations=2, max_new_tokens=4)
+    logps = torch.zeros(out.completion_mask.shape, requires_grad=True)
+    (logps * out.completion_mask).sum().backward()
+    assert torch.equal(logps.grad, out.completion_mask)
+
+
+def test_eager_attention_gets_the_mask_it_reads(tiny_model_dir, monkeypatch):
+    """The decode step hands SDPA (transformers' default) its mask as (N, 1, 1, L) booleans; eager attention,
+    which would add such a mask to its scores as numbers, gets the 2-D mask: the sampled tokens' log-probs
+    are still the ones completion_logps gives."""
+    model, processor, _ = load_model(tiny_model_dir)
+    model.set_attn_implementation("eager")
+    assert model.model.language_model.config._attn_implementation == "eager"
+    sampled_logps_are_the_scored_ones(model.eval(), processor, monkeypatch)
 
 
 def test_the_compiled_decoding_layout_gives_the_same_tokens(model_and_processor, monkeypatch):
