@@ -28,6 +28,7 @@ def rollout_record(scores, rollouts, rewards: torch.Tensor, all_rewards: torch.T
         **{f"reward/{k}": torch.cat([s.terms[k] for s in scores]).sum().item() for k in scores[0].terms},
         "parse_failure_rate": float(sum(s.parse_failures for s in scores)),
         "reward_errors": float(sum(s.errors for s in scores)),
+        "semantic_scored": float(sum(s.details.get("semantic_scored", 0) for s in scores)),
         "semantic_invalid_boxes": float(sum(s.details.get("semantic_invalid_boxes", 0) for s in scores)),
         "completion_tokens": lengths.sum().item(),
     }
@@ -38,7 +39,7 @@ def rollout_record(scores, rollouts, rewards: torch.Tensor, all_rewards: torch.T
             "frac_zero_std": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
             "parse_failure_rate": summed["parse_failure_rate"] / n,
             "reward_errors": int(summed["reward_errors"]),
-            **({"semantic_invalid_boxes": int(summed["semantic_invalid_boxes"])} if semantic_on else {}),
+            **({k: int(summed[k]) for k in ("semantic_scored", "semantic_invalid_boxes")} if semantic_on else {}),
             "completion_length": summed["completion_tokens"] / n,
             "completion_tokens": int(summed["completion_tokens"])}
 

@@ -345,6 +345,8 @@ def test_two_step_training_run(tiny_model_dir, tmp_path):
     for line in lines:
         assert REQUIRED_KEYS <= line.keys()
         assert 0.0 <= line["reward/semantic"] <= 1.0  # the semantic reward runs inside the loop (synthetic default)
+        # every completion is either judged by the scorer, or eligible with an unusable box, or not eligible
+        assert line["semantic_scored"] + line["semantic_invalid_boxes"] <= 2 * 4
         assert line["completion_tokens"] > 0 and np.isfinite(line["loss"]) and line["grad_norm"] > 0
     assert lines[1]["kl"] > 0  # the policy has moved away from the reference
     # --num-iterations 2: one rollout serves both steps (updates). The first update is on-policy (ratio 1:
