@@ -329,7 +329,7 @@ def _draw_panel(draw, area, title: str, series: dict[str, list[tuple[float, floa
 
 
 def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
-    """Training curves from ``RUN_DIR/metrics.jsonl`` in one PNG (2 x 2 panels, 960 x 640)."""
+    """Training curves from ``RUN_DIR/metrics.jsonl`` in one PNG (3 x 2 panels, 1440 x 640)."""
     run_dir = Path(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -340,18 +340,21 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
     reward_keys = ["reward"] + sorted({k for r in records for k in r if k.startswith("reward/")})
     panels = [("reward by component (mean per completion)", {k: series(k) for k in reward_keys}),
               ("KL to the reference (k3, token mean)", {"kl": series("kl")}),
-              ("completion length (tokens)", {"completion_length": series("completion_length")}),
+              ("clipped tokens (fraction; with --num-iterations > 1)",
+               {k: series(k) for k in ("clip_fraction", "clip_low", "clip_high")}),
               ("held-out evaluation (%; test: before GRPO at 0, after at the end)",
-               {"val Acc@0.5": series("eval/acc@0.5"), "val mIoU": series("eval/miou")})]
+               {"val Acc@0.5": series("eval/acc@0.5"), "val mIoU": series("eval/miou")}),
+              ("completion length (tokens)", {"completion_length": series("completion_length")}),
+              ("gradient norm (before clipping)", {"grad_norm": series("grad_norm")})]
     summary = run_dir / "summary.json"
     if summary.exists() and records:  # the test split before and after GRPO, at step 0 and the last step
         s, last = json.loads(summary.read_text()), max(r.get("step", 0) for r in records)
         panels[3][1].update({f"test {name}": [(0, s["before"][key]), (last, s["after"][key])]
                              for name, key in (("Acc@0.5", "acc@0.5"), ("mIoU", "miou"))})
-    canvas = Image.new("RGB", (960, 640), "white")
+    canvas = Image.new("RGB", (1440, 640), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
     for k, (title, data) in enumerate(panels):
-        x, y = (k % 2) * 480, (k // 2) * 320
+        x, y = (k % 3) * 480, (k // 3) * 320
         _draw_panel(draw, (x, y, x + 480, y + 320), title, {n: s for n, s in data.items() if s}, font)
     path = Path(path) if path is not None else run_dir / "curves.png"
     path.parent.mkdir(parents=True, exist_ok=True)

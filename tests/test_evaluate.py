@@ -231,13 +231,13 @@ def test_model_evaluation_table_lists_categories():
 # ---------------------------------------------------------------------------------------------- pictures
 def test_plot_run_draws_one_png(tmp_path, capsys):
     records = [{"step": s, "reward": 1 + s / 50, "reward/format": 0.9, "reward/spatial": s / 50, "kl": 0.001 * s,
-                "completion_length": 40 - s / 10} for s in range(1, 101)]
+                "clip_fraction": 0.01 * (s % 2), "completion_length": 40 - s / 10} for s in range(1, 101)]
     for r in records[49::50]:
         r.update({"eval/acc@0.5": 40.0 + r["step"] / 10, "eval/miou": 45.0})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert evaluate.main(["--plot-run", str(tmp_path)]) == 0
     with Image.open(tmp_path / "curves.png") as img:
-        assert img.size == (960, 640)
+        assert img.size == (1440, 640)
         colours = {c for _, c in img.convert("RGB").getcolors(1 << 20)}
     assert set(evaluate.PALETTE[:3]) <= colours  # the three reward curves were drawn
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5}) + "\n")  # sparse log: no crash
