@@ -1,11 +1,11 @@
 """What the rewards (the semantic one included) cost inside the default training run.
 
-    python scripts/reward_cost.py                 # 40 steps of `python train.py`, then one line
+    python scripts/reward_cost.py                 # 40 steps (20 rollouts) of `python train.py`, then one line
     python scripts/reward_cost.py --steps 100 -- --semantic-model none
 
 Runs train.py in this process with ``rewards.score_completions`` wrapped by a timer, and prints the
-mean seconds per step spent scoring (format, spatial and, when on, the semantic scorer's batched
-forward) against the mean step time without it. Step 1 is left out (warm-up). Measuring inside one
+mean seconds per rollout spent scoring (format, spatial and, when on, the semantic scorer's forwards)
+against the mean rollout time without it. The first rollout is left out (warm-up). Measuring inside one
 run avoids comparing two runs whose trajectories (and so completion lengths) differ.
 """
 import argparse
@@ -38,10 +38,13 @@ def main():
     train.R.score_completions = timed
     train.main(["--max-steps", str(args.steps), "--eval-steps", "0", "--output-dir", args.output_dir,
                 "--overwrite", *args.train_args])  # a scratch folder: each measurement replaces the last
-    steps = [json.loads(l)["step_time_s"] for l in open(Path(args.output_dir) / "metrics.jsonl")][1:]
-    scoring, step = statistics.mean(spent[1:]), statistics.mean(steps)
-    print(f"rewards: {scoring:.4f} s per step of {step:.4f} s; without them a step would take {step - scoring:.4f} s, "
-          f"so they add {100 * scoring / (step - scoring):.1f}%")
+    mu = json.loads((Path(args.output_dir) / "config.json").read_text())["num_iterations"]
+    lines = [json.loads(l) for l in open(Path(args.output_dir) / "metrics.jsonl")]
+    # A rollout is scored once and serves mu steps (updates), each logging the rollout's time / mu.
+    rollouts = [sum(l["step_time_s"] for l in lines[i:i + mu]) for i in range(mu, len(lines), mu)]
+    scoring, rollout = statistics.mean(spent[1:]), statistics.mean(rollouts)
+    print(f"rewards: {scoring:.4f} s per rollout of {rollout:.4f} s ({mu} update(s) each); without them a rollout "
+          f"would take {rollout - scoring:.4f} s, so they add {100 * scoring / (rollout - scoring):.1f}%")
 
 
 if __name__ == "__main__":
