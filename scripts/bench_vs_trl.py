@@ -1,6 +1,6 @@
-"""grpo_min against TRL's GRPOTrainer, same work, side by side (issue 7); prints a markdown table.
+"""grpo_min against TRL's GRPOTrainer, same work, side by side; prints a markdown table.
 
-    .venv/bin/python scripts/bench_vs_trl.py                    # tiny and 50m models, 112/224/448 px, 3 runs
+    .venv/bin/python scripts/bench_vs_trl.py                    # tiny and 34m models, 112/224/448 px, 3 runs
     .venv/bin/python scripts/bench_vs_trl.py --models tiny --sizes 224 --runs 1   # a quick look
     # on a GPU (one python with both stacks; see scripts/gpu_check.sh):
     python3 scripts/bench_vs_trl.py --models 3b --dtype bfloat16 --max-completion-length 256 \
@@ -10,8 +10,8 @@ Run with the project's venv. TRL runs in its own venv (``--trl-python``, default
 set up with requirements-dev-trl.txt) through scripts/trl_driver.py; nothing here imports trl.
 
 For each model, a folder is written once with ``save_pretrained`` (model and processor) and both
-trainers load that same folder: ``tiny`` is grpo_min.tiny's model with random weights, ``50m`` the
-~50 M-parameter random model of grpo_min.tiny.MODEL_CONFIGS. Then for each image size, ours
+trainers load that same folder: ``tiny`` is grpo_min.tiny's model with random weights, ``34m`` and
+``50m`` the random models of those sizes in grpo_min.tiny.MODEL_CONFIGS. Then for each image size, ours
 (``python scripts/bench.py``) and TRL's (scripts/trl_driver.py) run alternately, A B A B A B, each in
 a fresh process (peak RSS is a process-lifetime number), so that a change in the machine's load
 hits both alike. Same settings in both: 1 prompt x 8 completions per step, at most 32 completion
@@ -79,7 +79,7 @@ def run_json(cmd: list[str], env: dict, log, timeout: int = 3600) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["tiny", "50m"], choices=["tiny", "50m", "3b", "7b"])
+    p.add_argument("--models", nargs="+", default=["tiny", "34m"], choices=["tiny", "34m", "50m", "3b", "7b"])
     p.add_argument("--sizes", nargs="+", type=int, default=[112, 224, 448], help="image sizes in pixels")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1], help="prompts per step (each its own image)")
     p.add_argument("--runs", type=int, default=3, help="runs of each trainer per configuration")

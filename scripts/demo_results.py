@@ -1,7 +1,7 @@
 """The demo's results over seeds and reward variants: runs train.py, then prints the README's tables.
 
     python scripts/demo_results.py                                  # the default, seeds 0 1 2
-    python scripts/demo_results.py --variants hard semantic iou --seeds 0 1 --parallel 2   # issue 3's table
+    python scripts/demo_results.py --variants hard semantic iou --seeds 0 1 --parallel 2   # the reward-variant table
 
 Each run is ``python train.py --seed S --output-dir runs/demo/<variant>-seed<S> <variant's options>``
 (the embedded default otherwise: the tiny model, its warm start for that seed, the demo preset), and
@@ -10,7 +10,7 @@ exists is not run again, and an interrupted one resumes from its checkpoint, so 
 interrupted and restarted. ``--parallel N`` runs N at
 once with ``OMP_NUM_THREADS`` = cores / N each (use it for results, not for timings).
 
-Variants (issue 3's comparison; "semantic" is what ``python train.py`` runs):
+Variants ("semantic" is what ``python train.py`` runs):
   hard      format + hard spatial reward (IoU > 0.5)            --semantic-model none
   semantic  format + hard spatial + semantic consistency        (the default)
   iou       format + continuous IoU spatial reward              --semantic-model none --spatial-reward iou

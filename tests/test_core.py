@@ -515,7 +515,7 @@ def test_under_torchrun_only_rank_0_prints_even_before_the_group_is_joined(monke
 def test_the_demo_preset_leaves_training_by_epochs_alone():
     import train
 
-    assert train.parse_config([]).max_steps == 600  # the demo's step count (300 rollouts x 2 updates)
+    assert train.parse_config([]).max_steps == 800  # the demo's step count (400 rollouts x 2 updates)
     assert train.parse_config(["--num-train-epochs", "1"]).max_steps is None  # by epochs, as asked
 
 
@@ -571,3 +571,79 @@ def test_greedy_evaluation_keeps_the_checkpoints_decoding_defaults(random_tiny):
     finally:
         model.generation_config = saved
     assert not torch.equal(penalised, plain)
+
+
+def _one_step_with_sgd(model_dir, max_grad_norm):
+    """One grpo_step from the tiny model, plain SGD at lr 1: the weights move by exactly minus the applied gradient."""
+    import rewards as R
+    import train
+    from grpo_min.models import load_model
+    from tests.train_with_test_reward import score_with_digits
+
+    model, processor, _ = load_model(model_dir)
+    model.train()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    cfg = train.Config(num_generations=4, max_completion_length=16, beta=0.0, max_grad_norm=max_grad_norm)
+    samples = [data.synthetic_sample(i, "train") for i in range(2)]
+
+    def reward(texts, samples, images, sizes):  # digits in the text: these completions earn different rewards
+        targets = [R.Target(box=s.box, orig_size=(s.width, s.height), resized_size=size)
+                   for s, size in zip(samples, sizes) for _ in range(4)]
+        return score_with_digits(texts, targets, R.RewardConfig())
+
+    torch.manual_seed(0)  # the same rollouts in both runs
+    [record] = train.grpo_step(cfg, model, None, processor, optimizer, scheduler, [samples], reward, CHAIN_OF_BOX)
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])  # = applied gradient
+    return record, step
+
+
+def test_gradient_clipping_logs_the_norm_before_and_applies_the_clipped_gradient(tiny_model_dir):
+    free, free_step = _one_step_with_sgd(tiny_model_dir, max_grad_norm=0)  # 0: no clipping
+    clipped, clipped_step = _one_step_with_sgd(tiny_model_dir, max_grad_norm=1e-3)
+    assert free["grad_norm"] > 1e-2  # far above the limit, so that clipping has to act
+    assert free_step.norm().item() == pytest.approx(free["grad_norm"], rel=1e-4)  # unclipped: the whole gradient
+    assert clipped["grad_norm"] == pytest.approx(free["grad_norm"], rel=1e-5)  # logged before clipping
+    assert clipped_step.norm().item() == pytest.approx(1e-3, rel=1e-3)  # the update was clipped to the limit
+    # the same direction (cosine, as the weights' float32 rounding blurs the smallest components of a 1e-3 step)
+    assert torch.nn.functional.cosine_similarity(clipped_step, free_step, dim=0).item() > 0.9999
+
+
+def test_each_grpo_option_reaches_the_loss_and_the_reward(tiny_model_dir, tmp_path, monkeypatch):
+    """Options from the command line arrive, unswapped, where they act: every value below is distinct, so passing
+    one option's value in another's place (say epsilon for epsilon_high) fails here."""
+    import train
+    from grpo_min.loss import group_advantages, grpo_loss
+
+    seen = {}
+
+    def loss_spy(*args, **kw):
+        seen.setdefault("loss", kw)
+        return grpo_loss(*args, **kw)
+
+    def advantages_spy(rewards, group_size, scale):
+        seen["advantages"] = dict(group_size=group_size, scale=scale)
+        return group_advantages(rewards, group_size, scale=scale)
+
+    def reward_spy(completions, targets, config, semantic_scorer=None):
+        seen["reward"] = config
+        return real_score(completions, targets, config, semantic_scorer)
+
+    real_score = train.R.score_completions
+    monkeypatch.setattr(train, "grpo_loss", loss_spy)
+    monkeypatch.setattr(train, "group_advantages", advantages_spy)
+    monkeypatch.setattr(train.R, "score_completions", reward_spy)
+    argv = ["--model", str(tiny_model_dir), "--max-steps", "1", "--batch-size", "1", "--num-generations", "3",
+            "--max-completion-length", "12", "--eval-steps", "0", "--eval-limit", "1", "--output-dir", str(tmp_path),
+            "--epsilon", "0.13", "--epsilon-high", "0.29", "--beta", "0.07", "--loss-type", "bnpo",
+            "--scale-rewards", "batch", "--spatial-reward", "iou", "--semantic-on", "negatives",
+            "--format-weight", "0.5", "--spatial-weight", "1.5", "--semantic-weight", "0.7"]
+    assert train.main(argv) is None
+    loss = seen["loss"]
+    assert (loss["epsilon"], loss["epsilon_high"], loss["beta"]) == (0.13, 0.29, 0.07)
+    assert (loss["loss_type"], loss["max_completion_length"]) == ("bnpo", 12)
+    assert seen["advantages"] == dict(group_size=3, scale="batch")
+    config = seen["reward"]
+    assert (config.spatial_kind, config.semantic_on) == ("iou", "negatives")
+    assert (config.format_weight, config.spatial_weight, config.semantic_weight) == (0.5, 1.5, 0.7)

@@ -200,6 +200,29 @@ def test_ddp_ranks_agree_and_metrics_are_global(straight2):
     assert (straight2 / "checkpoint-2" / "rng_state_rank1.pt").exists()
 
 
+def test_batch_scaling_and_dapo_use_both_ranks_statistics(tiny_model_dir, tmp_path):
+    """--scale-rewards batch divides by the std of ALL ranks' rewards, and dapo normalises by ALL ranks' completion
+    tokens: each rank's loss must get the numbers computed from both ranks, not from its own half."""
+    from grpo_min.loss import group_advantages
+
+    out, trace = tmp_path / "run", tmp_path / "trace"
+    run(small_run(tiny_model_dir, out, "--max-steps", "2", "--scale-rewards", "batch", "--loss-type", "dapo"),
+        nproc=2, env={"GRPO_MIN_TEST_TRACE": str(trace)})
+    ranks = [[json.loads(l) for l in (trace / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    for step, line in enumerate(metrics(out)):
+        rewards = [torch.tensor(r[2 * step]["rewards"]) for r in ranks]
+        used = [r[2 * step + 1] for r in ranks]
+        expected = group_advantages(torch.cat(rewards), 4, scale="batch").view(2, -1)
+        tokens = used[0]["tokens"] + used[1]["tokens"]
+        assert line["completion_tokens"] == tokens
+        for r in (0, 1):
+            assert torch.allclose(torch.tensor(used[r]["advantages"]), expected[r], atol=1e-6)
+            # (one rank's own statistics give other advantages, so a missing all-gather shows)
+            assert not torch.allclose(group_advantages(rewards[r], 4, scale="batch"), expected[r], atol=1e-4)
+            # dapo: the global token count, per rank (DDP then averages the ranks' gradients)
+            assert used[r]["num_items_in_batch"] == tokens / 2 != used[r]["tokens"]
+
+
 @pytest.mark.parametrize("kind", ["1", "2", "1-lora"])
 def test_sigterm_saves_and_resumes_to_the_same_result(kind, straight_run, tiny_model_dir, tmp_path):
     """SIGTERM mid-run (to every process, as SLURM does): a checkpoint at the end of the current step on

@@ -28,7 +28,7 @@ def test_the_demo_preset_applies_to_the_demo_only(capsys):
     import train
 
     demo = train.parse_config([])
-    assert (demo.model, demo.max_steps, demo.batch_size) == ("tiny", 600, 8)
+    assert (demo.model, demo.max_steps, demo.batch_size) == ("tiny", 800, 8)
     assert demo.beta > 0 and demo.num_iterations == 2  # the reference and clipping are at work in the demo
     assert "Demo preset" in capsys.readouterr().out
     assert train.parse_config(["--lora-r", "16"]).learning_rate == 5e-4  # adapters get the LoRA demo's rate
