@@ -1,6 +1,6 @@
 """The embedded default model: a tiny Qwen2.5-VL built from a config, warm-started on synthetic data.
 
-No weights can be downloaded here, so ``--model tiny`` builds one (0.93 M parameters):
+No weights can be downloaded here, so ``--model tiny`` builds one (0.94 M parameters):
 
 1. a byte-level BPE tokenizer trained in memory on the prompts and answers of the synthetic task,
    with Qwen's special tokens and digits split one per token (as Qwen's own tokenizer does);
