@@ -100,28 +100,7 @@ def build_processor(image_pixels: int = IMAGE_PIXELS):
 
 def build_model(processor, seed: int = 0):
     """A randomly initialised tiny Qwen2.5-VL whose special-token ids match ``processor``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    tok = processor.tokenizer
-    tid = tok.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [4, 6, 6]},  # sums to head_dim / 2 = 16
-                         bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=128,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[1]),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"),
-    )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model
+    return random_model("tiny", processor, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +112,12 @@ def build_model(processor, seed: int = 0):
 # Qwen2.5-VL-3B/7B-Instruct's published dimensions, including the 151,936-row vocabulary, so that the
 # LM head and log-softmax cost what they cost on the real model (ids past the tokenizer decode to "").
 MODEL_CONFIGS = {
+    "tiny": dict(  # the demo model (build_model)
+        text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[4, 6, 6], rope_theta=10000.0, vocab_size=None,
+                  tie_word_embeddings=False, max_position_embeddings=2048),  # mrope_section sums to head_dim / 2
+        vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=4, out_hidden_size=128,
+                    fullatt_block_indexes=[1])),
     "34m": dict(
         text=dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, mrope_section=[8, 12, 12], rope_theta=10000.0, vocab_size=None,
@@ -161,17 +146,17 @@ MODEL_CONFIGS = {
 
 
 def random_model(name: str, processor, seed: int):
-    """A Qwen2.5-VL with random weights and the dimensions of ``MODEL_CONFIGS[name]`` ("tiny": build_model's)."""
+    """A Qwen2.5-VL with random weights and the dimensions of ``MODEL_CONFIGS[name]``, its special-token ids
+    those of ``processor``'s tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    if name == "tiny":
-        return build_model(processor, seed)
     dims = MODEL_CONFIGS[name]
     text, vision = dict(dims["text"]), dims["vision"]
     tok = processor.tokenizer
     tid = tok.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=text.pop("vocab_size") or len(tok), max_position_embeddings=32768,
+        text_config=dict(vocab_size=text.pop("vocab_size") or len(tok),
+                         max_position_embeddings=text.pop("max_position_embeddings", 32768),
                          rope_parameters={"rope_type": "default", "rope_theta": text.pop("rope_theta"),
                                           "mrope_section": text.pop("mrope_section")},
                          bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
@@ -182,8 +167,8 @@ def random_model(name: str, processor, seed: int):
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    # Both end-of-turn tokens, as the tiny model (and Qwen's checkpoints) list them: TRL stops where the
-    # model's generation_config says, grpo_min where special_token_ids says; they must agree.
+    # Both end-of-turn tokens, as Qwen's checkpoints list them: TRL stops where the model's
+    # generation_config says, grpo_min where special_token_ids says; they must agree.
     model.generation_config.eos_token_id = [tid("<|im_end|>"), tid("<|endoftext|>")]
     model.generation_config.pad_token_id = tok.pad_token_id
     return model

@@ -103,7 +103,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", help="a Qwen2.5-VL / Qwen2-VL folder (save_pretrained)")
-    which.add_argument("--model-config", choices=("tiny", *MODEL_CONFIGS), default=None,
+    which.add_argument("--model-config", choices=tuple(MODEL_CONFIGS), default=None,
                        help="random weights from a named config (default: tiny when --model is not given)")
     p.add_argument("--image-size", type=int, default=224,
                    help="S: the synthetic image is S x S pixels (a multiple of 28)")

@@ -106,7 +106,7 @@ def measure(model, processor, size: int, G: int, T: int, runs: int) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["34m", "tiny"], choices=["tiny", *tiny.MODEL_CONFIGS])
+    p.add_argument("--models", nargs="+", default=["34m", "tiny"], choices=list(tiny.MODEL_CONFIGS))
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="image sizes in pixels, multiples of 28 (default: 112 224 448 for tiny, 224 for the others)")
     p.add_argument("--num-generations", type=int, default=8)

@@ -246,3 +246,33 @@ def write_jsonl_fixture(root) -> Path:
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for s, r in records if s == split))
     (root / "all.jsonl").write_text("".join(json.dumps(r | {"split": s}) + "\n" for s, r in records))
     return root
+
+
+def qwen2_vl_folder(path: Path, shipped_pixel_limits: bool = False) -> Path:
+    """A random Qwen2-VL (not 2.5) saved as a checkpoint, with the tiny model's tokenizer; with
+    ``shipped_pixel_limits`` its processor keeps the pixel limits Qwen ships (3,136 to 12,845,056)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    from grpo_min import tiny
+
+    base = tiny.build_processor()
+    tok, tid = base.tokenizer, base.tokenizer.convert_tokens_to_ids
+    processor = Qwen2VLProcessor(image_processor=base.image_processor, tokenizer=tok,
+                                 video_processor=base.video_processor, chat_template=base.chat_template)
+    if shipped_pixel_limits:
+        processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": 12845056}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                         bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
+                         pad_token_id=tok.pad_token_id),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

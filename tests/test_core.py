@@ -137,27 +137,10 @@ def test_completions_are_masked_and_padded_after_their_first_eos(random_tiny, mo
 def test_a_qwen2_vl_folder_loads_with_its_frame_and_scores_alike_on_every_path(tmp_path):
     """Qwen2-VL (boxes in 0-1000) through load_model, sampling and both scoring paths; Qwen's saved
     12.8 M-pixel limit is capped unless asked for."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-
     from grpo_min.models import DEFAULT_MAX_PIXELS, load_model
+    from tests.fixtures import qwen2_vl_folder
 
-    base = tiny.build_processor()
-    tok, tid = base.tokenizer, base.tokenizer.convert_tokens_to_ids
-    processor = Qwen2VLProcessor(image_processor=base.image_processor, tokenizer=tok,
-                                 video_processor=base.video_processor, chat_template=base.chat_template)
-    processor.image_processor.size = {"shortest_edge": 3136, "longest_edge": 12845056}  # as Qwen ships it
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"), pad_token_id=tok.pad_token_id),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    qwen2_vl_folder(tmp_path, shipped_pixel_limits=True)  # its processor's limits as Qwen ships them
 
     assert load_model(tmp_path, max_pixels=112 * 112)[1].image_processor.size["longest_edge"] == 112 * 112
     model, processor, frame = load_model(tmp_path)

@@ -10,37 +10,14 @@ import torch
 from transformers import GenerationConfig
 
 import data
-from grpo_min import rollout, tiny
+from grpo_min import rollout
 from grpo_min.models import load_model
 from grpo_min.prompts import CHAIN_OF_BOX
 from grpo_min.rollout import completion_logps, completion_mask_from_ids, encode_prompts, generate_completions, \
     special_token_ids
+from tests.fixtures import qwen2_vl_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def qwen2_vl_folder(path: Path) -> Path:
-    """A random Qwen2-VL (not 2.5) saved as a checkpoint, with the tiny model's tokenizer."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-
-    base = tiny.build_processor()
-    tok, tid = base.tokenizer, base.tokenizer.convert_tokens_to_ids
-    processor = Qwen2VLProcessor(image_processor=base.image_processor, tokenizer=tok,
-                                 video_processor=base.video_processor, chat_template=base.chat_template)
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                         bos_token_id=tid("<|endoftext|>"), eos_token_id=tid("<|im_end|>"),
-                         pad_token_id=tok.pad_token_id),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
-    torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module", params=["qwen2.5-vl warm-started", "qwen2-vl random"])
