@@ -29,7 +29,7 @@ from grpo_min.checkpoint import (CheckpointError, MetricsLog, Preemption, check_
                                  warn_config_changes)
 from grpo_min.cli import banner, parse_options
 from grpo_min.lora import adapters_off
-from grpo_min.loss import group_advantages, grpo_loss
+from grpo_min.loss import SCALES, group_advantages, grpo_loss
 from grpo_min.metrics import PhaseTimer, rollout_record, run_checks, update_record
 from grpo_min.models import compute_precision, load_policy, load_reference, resolve_dtype, resolve_model_path
 from grpo_min.optim import clipped_step, make_optimizer
@@ -62,7 +62,7 @@ class Config:
     epsilon: float = opt(0.2, "clip range: ratio clipped to [1 - epsilon, 1 + epsilon_high]")
     epsilon_high: float | None = opt(None, "upper clip range (DAPO's clip-higher); default: --epsilon")
     loss_type: str = opt("grpo", "token aggregation", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
-    scale_rewards: str = opt("group", "advantage scaling: group std, batch std or none", choices=("group", "batch", "none"))
+    scale_rewards: str = opt("group", "advantage scaling: group std, batch std or none", choices=SCALES)
     num_iterations: int = opt(1, "mu: optimizer updates per rollout (old log-probs from a forward after sampling)")
     # --- rewards ---
     spatial_reward: str = opt("hard", "hard: 1[IoU > 0.5] (the paper); iou: continuous IoU", choices=("hard", "iou"))

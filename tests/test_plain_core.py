@@ -131,3 +131,17 @@ def test_the_core_trains_the_demo_model(tiny_model_dir, capsys):
     assert all(h["reward"] > 0 for h in history)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert "step 2/2: reward" in capsys.readouterr().out
+
+
+def test_the_readmes_core_snippet_runs(tiny_model_dir, monkeypatch, capsys):
+    """The README's lines that train the demo model through the core, run as written (1 step, the test's model)."""
+    from pathlib import Path
+
+    from grpo_min import tiny
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("## Read in this order")[1].split("```python\n")[1].split("```")[0]
+    assert "core.train(" in snippet and "steps=200" in snippet
+    monkeypatch.setattr(tiny, "tiny_model_path", lambda seed=0: tiny_model_dir)
+    exec(snippet.replace("steps=200", "steps=1"), {})
+    assert "step 1/1: reward" in capsys.readouterr().out
