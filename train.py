@@ -134,10 +134,8 @@ def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, b
     device = next(raw.parameters()).device
     timer = timer or PhaseTimer(device)
     amp = lambda: compute_precision(device, resolve_dtype(cfg.dtype, device))  # noqa: E731  float32 weights
-    # With gradient checkpointing the policy's pass cannot keep the prompt's KV cache; the reference and
-    # old-policy passes then take the same path, so all three compute alike (KL 0, ratio 1 at the start).
-    score_kw = dict(group_size=G, temperature=cfg.temperature, never_ids=special_token_ids(processor)["never"],
-                    share_prompt=not cfg.gradient_checkpointing)
+    # Every pass shares each prompt across its group, gradient checkpointing or not (grpo_min/recompute.py).
+    score_kw = dict(group_size=G, temperature=cfg.temperature, never_ids=special_token_ids(processor)["never"])
 
     # 1. Sample G completions for each prompt of each micro-batch, and score them.
     rollouts, scores = [], []
