@@ -461,6 +461,19 @@ def test_logged_loss_is_the_objective_that_was_backpropagated(loss_type, tiny_mo
     assert metrics(out)[0]["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
+def test_checkpointed_scoring_gives_the_plain_gradients_under_ddp_and_fsdp(tmp_path):
+    """Gradient checkpointing with the prompt shared (grpo_min/recompute.py) under DDP and FSDP2, full
+    fine-tuning and LoRA, 2 gloo ranks each scoring its own prompt (tests/checkpointing_worker.py): the
+    synchronised gradients equal the plain path's without checkpointing (fp32, 1e-5) on both ranks."""
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/checkpointing_worker.py",
+         str(tmp_path)], nproc=1)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(ranks[0]) == ["ddp-full", "ddp-lora", "fsdp-full", "fsdp-lora"]
+    for kind, result in ranks[0].items():
+        assert result["max_grad"] > 1e-3 and result["max_diff"] <= 1e-5 * max(1.0, result["max_grad"]), (kind, result)
+        assert ranks[1][kind]["grad_sum"] == pytest.approx(result["grad_sum"], rel=1e-6), kind  # synchronised
+
+
 def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tiny_model_dir):
     """--dtype bfloat16 computes under autocast over float32 weights and optimizer state. An AdamW step
     moves a weight by about the learning rate (1e-6 here), far below bfloat16's resolution: bfloat16
