@@ -65,7 +65,7 @@ def run_watched(cmd: list[str], env: dict, log, timeout: int, memory_limit_mb: f
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
         while proc.poll() is None:
             if memory_limit_mb and rss_mb(proc.pid) > memory_limit_mb:
-                stopped = f"out of memory (stopped above {memory_limit_mb / 1024:.0f} GB)"
+                stopped = f"out of memory (stopped above {memory_limit_mb / 1024:.1f} GB)"
             elif time.time() - t0 > timeout:
                 stopped = f"timed out after {timeout} s"
             if stopped:

@@ -129,3 +129,25 @@ def test_one_token_completions_still_go_through_the_wrapper():
         assert wrapped.calls == 1 and fast.shape == (2, T)
         plain = completion_logps(model, prompts, ids, mask, group_size=2, encode_image_once=False)
         torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+
+
+def test_real_size_benchmark_runs_and_reports_out_of_memory(tmp_path):
+    """scripts/bench_real_size.py end to end on the tiny model (one grpo_min column; TRL needs its own venv),
+    and a run that passes the memory limit is reported as out of memory, not lost."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_real_size import run_watched
+
+    hog = [sys.executable, "-c", "import time; x = bytearray(400 * 2 ** 20); x[::4096] = b'1' * len(x[::4096]); "
+           "time.sleep(30)"]
+    with open(tmp_path / "log.txt", "w") as log:
+        assert run_watched(hog, dict(os.environ), log, timeout=60, memory_limit_mb=200) == (
+            None, "out of memory (stopped above 0.2 GB)")
+    cmd = [sys.executable, "scripts/bench_real_size.py", "--model", "tiny", "--shapes", "2x4", "--steps", "2",
+           "--lora-r", "4", "--sides", "grpo_min --gradient-checkpointing", "--out", str(tmp_path)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 2 x 4 |"))
+    assert row.count(" s, ") == 1 and row.count(" GB") == 1, result.stdout  # seconds per step, peak memory
+    runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["gradient_checkpointing"], r["lora_r"], r["dtype"]) for r in runs] == [(True, 4, "bfloat16")]
