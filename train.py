@@ -219,16 +219,14 @@ class ModelPasses:
 
 
 def model_passes(cfg: Config, processor, device) -> ModelPasses:
-    """This run's ModelPasses. Scoring runs each prompt once per group, its G completions on the prompt's KV
-    cache (rollout.completion_logps); with gradient checkpointing, which cannot keep that cache, every pass
-    shares the vision features only, so that policy, reference and old policy compute alike (KL 0, ratio 1
-    at the start)."""
+    """This run's ModelPasses: the compute precision, and scoring that runs each prompt once per group, its G
+    completions on the prompt's KV cache (rollout.completion_logps), with or without gradient checkpointing."""
     dtype = resolve_dtype(cfg.dtype, device)
     never = special_token_ids(processor)["never"]
 
     def logps(model, r):
         return completion_logps(model, r.prompts, r.completion_ids, r.completion_mask, group_size=cfg.num_generations,
-                                temperature=cfg.temperature, never_ids=never, share_prompt=not cfg.gradient_checkpointing)
+                                temperature=cfg.temperature, never_ids=never)
 
     return ModelPasses(precision=lambda: compute_precision(device, dtype), logps=logps)
 

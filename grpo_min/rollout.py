@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import StaticCache
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from grpo_min import dist
+from grpo_min import dist, recompute
 from grpo_min.prompts import PromptBatch, special_token_ids
 
 
@@ -113,7 +112,7 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
     return Rollout(prompts, completion_ids, mask, texts)
 
 
-def _prompt_pass(model, prompts: PromptBatch, group_size: int):
+def _prompt_pass(model, prompts: PromptBatch, group_size: int, cache=None):
     """The B prompts once, image included, with their KV cache repeated for the G rows of each group.
 
     Under the causal mask no prompt token sees a completion token, so a prompt's keys and values
@@ -123,13 +122,17 @@ def _prompt_pass(model, prompts: PromptBatch, group_size: int):
     all three axes (text advances the three together), one past the prompt's largest position.
     The prompt's positions are computed here once (``get_rope_index``) and handed to the forward.
     Called on the model inside a DDP wrapper (``.module``); FSDP2 gathers the weights in this call.
+    ``cache``: the cache the prompt pass fills (default: transformers' own).
     """
     inputs, inner = prompts.inputs, dist.unwrap(model)
     P, G = inputs["input_ids"].shape[1], group_size
     positions, _ = inner.model.get_rope_index(
         input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
         image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])  # (3, B, P), padding 0
-    out = inner(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    # A cache handed in is filled whatever use_cache says (use_cache=True would only make transformers warn
+    # under gradient checkpointing, which keeps grpo_min/recompute.py's caches).
+    out = inner(**inputs, position_ids=positions, use_cache=cache is None, logits_to_keep=1,
+                **{_cache_argument(inner): cache})
     cache = getattr(out, _cache_argument(inner))
     if cache is None or cache.get_seq_length() != P:  # never continue a completion without its prompt
         raise RuntimeError("the prompt pass returned no KV cache; call completion_logps(encode_image_once=False)")
@@ -241,26 +244,17 @@ _COMPILED: dict = {}
 
 def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                      *, group_size: int, temperature: float = 1.0, never_ids: list[int] | None = None,
-                     encode_image_once: bool = True, share_prompt: bool = True) -> torch.Tensor:
+                     encode_image_once: bool = True) -> torch.Tensor:
     """Log-probabilities (B*G, T) of each completion token under ``model``, from logits / temperature.
 
     The plain path (``encode_image_once=False``) scores B*G rows of prompt + completion, with
     ``pixel_values`` repeated G times: each prompt, image included, goes through the model G times.
-    The fast path (default) gives the same numbers (tests compare log-probs and gradients, fp32,
-    to 1e-5) doing each prompt's work once per group:
-
-    * normally by sharing the whole prompt: ``_logps_sharing_the_prompt`` runs the B prompts once
-      and the B*G completions on top of their KV cache;
-    * with gradient checkpointing, which cannot keep that cache, by sharing the vision features
-      only: each of the B images is encoded once and its features, repeated G times, go to the
-      language model (``mm_encoder_outputs``), which still reads B*G whole rows. ``share_prompt=False``
-      selects this path too (train.py does, for every pass of a run with gradient checkpointing, so
-      that policy, reference and old policy compute alike).
-
-    Gradients flow into the vision tower on every path.
+    The fast path (default, ``_logps_sharing_the_prompt``) runs the B prompts once and the B*G
+    completions on top of their KV cache, with or without gradient checkpointing (grpo_min/recompute.py).
+    Both give the same numbers (tests compare log-probs and gradients, fp32, to 1e-5), and gradients
+    flow into the vision tower on both.
     """
-    inner = dist.unwrap(model)  # under DDP the model itself is reached through .module
-    if encode_image_once and share_prompt and not _drops_kv_cache(inner):
+    if encode_image_once:
         return _logps_sharing_the_prompt(model, prompts, completion_ids, completion_mask, group_size=group_size,
                                          temperature=temperature, never_ids=never_ids)
     inputs = prompts.inputs
@@ -273,15 +267,9 @@ def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, 
     if "mm_token_type_ids" in inputs:  # without it M-RoPE silently falls back to 1-D positions
         kwargs["mm_token_type_ids"] = torch.cat(
             [rep(inputs["mm_token_type_ids"]), torch.zeros_like(completion_ids)], dim=1)  # (B*G, P+T)
-    if encode_image_once:
-        features = inner.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-        per_image = features.pooler_output  # B tensors of (visual tokens, hidden)
-        repeated = tuple(f for f in per_image for _ in range(group_size))  # B*G, each image G times
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=repeated)}
-    else:
-        counts = (inputs["image_grid_thw"].prod(-1)).tolist()  # patches per image
-        per_image = torch.split(inputs["pixel_values"], counts)
-        kwargs["pixel_values"] = torch.cat([p for p in per_image for _ in range(group_size)])
+    counts = (inputs["image_grid_thw"].prod(-1)).tolist()  # patches per image
+    per_image = torch.split(inputs["pixel_values"], counts)
+    kwargs["pixel_values"] = torch.cat([p for p in per_image for _ in range(group_size)])
     logits = model(**kwargs).logits[:, :-1, :]  # (B*G, T, V): position t predicts completion token t
     return token_logps(logits, completion_ids, temperature, never_ids)
 
@@ -298,6 +286,8 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
     G = 8, T = 32: from 3,024 to 602), and the vision tower runs once per image. Gradients flow back
     through the repeated cache into step 1. Step 1 is called on the model inside a DDP wrapper and
     step 2 through the wrapper, so that DDP sees one forward per backward (FSDP2 handles both).
+    The caches are grpo_min/recompute.py's, which a layer can run again in the backward: with
+    gradient checkpointing both steps are checkpointed layer by layer and the prompt stays shared.
     """
     inputs, inner = prompts.inputs, dist.unwrap(model)
     G, T = group_size, completion_ids.shape[1]
@@ -306,24 +296,23 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
         twice, mask = completion_ids.repeat(1, 2), torch.cat([completion_mask, torch.zeros_like(completion_mask)], 1)
         return _logps_sharing_the_prompt(model, prompts, twice, mask, group_size=G, temperature=temperature,
                                          never_ids=never_ids)[:, :1]
-    # 1. The B prompts, once; the last prompt position predicts completion token 0.
-    first, cache, next_position = _prompt_pass(model, prompts, G)  # (B*G, V), cache of B*G rows, (B*G,)
-    # 2. The completions, on top of the cache. Token t sits at its prompt's next M-RoPE position + t;
-    #    padding after EOS gets position 0, as get_rope_index gives padding in the plain path. The
-    #    last token predicts nothing we score.
-    fed_mask = completion_mask[:, :-1].long()  # (B*G, T-1)
-    positions = (next_position[:, None] + torch.arange(T - 1, device=fed_mask.device)) * fed_mask  # (B*G, T-1)
-    attention_mask = torch.cat([inputs["attention_mask"].repeat_interleave(G, dim=0), fed_mask], dim=1)  # (B*G, P+T-1)
-    rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, use_cache=False,
-                 position_ids=positions.expand(3, -1, -1), **{_cache_argument(inner): cache}).logits  # (B*G, T-1, V)
+    with recompute.layers_keep_the_cache(inner):
+        # 1. The B prompts, once; the last prompt position predicts completion token 0. first: (B*G, V);
+        #    prompt_cache: each layer's keys and values, repeated for the B*G rows; next_position: (B*G,).
+        first, prompt_cache, next_position = _prompt_pass(model, prompts, G, recompute.RecordingCache())
+        # 2. The completions, on top of the prompt's keys and values. Token t sits at its prompt's next M-RoPE
+        #    position + t; padding after EOS gets position 0, as get_rope_index gives padding in the plain
+        #    path. The last token predicts nothing we score.
+        fed_mask = completion_mask[:, :-1].long()  # (B*G, T-1)
+        positions = (next_position[:, None] + torch.arange(T - 1, device=fed_mask.device)) * fed_mask  # (B*G, T-1)
+        attention_mask = torch.cat([inputs["attention_mask"].repeat_interleave(G, dim=0), fed_mask], dim=1)  # (B*G, P+T-1)
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, use_cache=False,
+                     position_ids=positions.expand(3, -1, -1),
+                     **{_cache_argument(inner): recompute.PrefixCache(prompt_cache)}).logits  # (B*G, T-1, V)
     logits = torch.cat([first[:, None], rest], dim=1)  # (B*G, T, V): position t predicts completion token t
     return token_logps(logits, completion_ids, temperature, never_ids)
 
 
-def _drops_kv_cache(model) -> bool:
-    """True when a forward would drop the KV cache: gradient checkpointing in a pass with gradients."""
-    return model.training and torch.is_grad_enabled() and any(
-        getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def _cache_argument(model) -> str:

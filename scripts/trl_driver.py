@@ -9,9 +9,13 @@ i uses the i-th ``--image``, the same text, every step) x G sampled completions 
 in ``--dtype`` (fp32 by default; bfloat16 computes in bf16 under autocast over float32 weights, as
 scripts/bench.py and train.py do), beta
 as given, loss "grpo", one update per generation, AdamW at 1e-6 with gradient clipping at 1.0. Settings that would make TRL do *more*
-work than grpo_min are turned off: gradient checkpointing (GRPOConfig defaults it on), bf16 (on by
-default), and the bias-corrected KL (plain k3, as in docs/METHOD.md). The same tokens are suppressed when
-sampling as in grpo_min (image/video/vision placeholders).
+work than grpo_min are turned off unless asked for: gradient checkpointing (GRPOConfig defaults it on;
+``--gradient-checkpointing``), bf16 (on by default), and the bias-corrected KL (plain k3, as in
+docs/METHOD.md). The same tokens are suppressed when sampling as in grpo_min (image/video/vision
+placeholders). ``--lora-r R``: peft LoRA adapters (alpha 2 R, no dropout) on the language model's
+q/k/v/o and gate/up/down projections, the vision tower excluded, as ``train.py --lora-r R``; the frozen
+base is stored in ``--dtype`` (bfloat16 in the real-size benchmark), the reference is the base (TRL
+switches the adapters off), as in grpo_min.
 
 A step is timed from the trainer's ``on_step_begin`` to its ``on_step_end`` callback: generation,
 rewards, reference and policy passes, backward and the optimizer step; the data loader and logging
@@ -45,6 +49,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1, help="prompts per step")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--lora-r", type=int, default=0, help="peft LoRA rank (alpha 2 r; 0: full fine-tuning)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default, off unless given")
     args = p.parse_args()
 
     images = [Image.open(path).convert("RGB") for path in args.image]
@@ -107,12 +113,20 @@ def main():
         max_completion_length=args.max_completion_length, temperature=1.0, top_k=0, top_p=1.0,
         beta=args.beta, loss_type="grpo", use_bias_correction_kl=False, scale_rewards="group",
         learning_rate=1e-6, max_grad_norm=1.0, bf16=args.dtype == "bfloat16", fp16=False,
-        gradient_checkpointing=False, model_init_kwargs={"dtype": "float32"}, use_vllm=False, log_completions=False,
+        gradient_checkpointing=args.gradient_checkpointing, use_vllm=False, log_completions=False,
+        model_init_kwargs={"dtype": args.dtype if args.lora_r else "float32"},  # a LoRA base is frozen: stored as is
         generation_kwargs={"suppress_tokens": never}, dataloader_pin_memory=False,
     )
     timer = StepTimer()
+    peft_config = None
+    if args.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"], exclude_modules=r".*\.visual\..*", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=args.model, reward_funcs=box_reward, args=config, train_dataset=dataset,
-                          processing_class=processor, callbacks=[timer])
+                          processing_class=processor, callbacks=[timer], peft_config=peft_config)
 
     # Time the generate calls too (TRL's generation phase), by wrapping the policy's generate.
     generate_seconds, plain_generate = [], trainer.model.generate
@@ -137,6 +151,8 @@ def main():
         "prompt_tokens": len(check["input_ids"][0]), "image_size": S, "measured_steps": len(seconds),
         "num_generations": args.num_generations, "max_completion_length": args.max_completion_length,
         "beta": args.beta, "batch_size": B, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
+        "lora_r": args.lora_r, "gradient_checkpointing": args.gradient_checkpointing,
+        "trained_parameters_m": round(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6, 3),
     }
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)

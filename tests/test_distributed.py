@@ -459,27 +459,17 @@ def test_logged_loss_is_the_objective_that_was_backpropagated(loss_type, tiny_mo
     assert metrics(out)[0]["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
 
 
-def test_gradient_checkpointing_takes_effect(tiny_model_dir):
-    """--gradient-checkpointing recomputes layers in the backward. from_pretrained returns a model in
-    eval mode, where transformers silently skips checkpointing: train.py's policy must be in train mode."""
-    import data
-    import train
-    from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts
-    from grpo_min.rollout import completion_logps, generate_completions
-
-    cfg = train.parse_config(["--model", str(tiny_model_dir), "--gradient-checkpointing"])
-    policy, processor, _ = train.load_policy(tiny_model_dir, cfg, torch.device("cpu"))
-    sample = data.synthetic_sample(0, "val")
-    prompts = encode_prompts(processor, [sample.load_image()], [sample.text], CHAIN_OF_BOX)
-    rollout = generate_completions(policy, processor, prompts, num_generations=2, max_new_tokens=8)
-    assert policy.training  # sampling switches to eval mode and back
-    calls = []
-    # a pre-hook: torch stops a recomputation as soon as it has what the backward needs, before the MLP returns
-    policy.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
-    logps = completion_logps(policy, prompts, rollout.completion_ids, rollout.completion_mask, group_size=2)
-    assert calls == [True]  # one language-model pass: checkpointing drops the KV cache, so no prompt-sharing
-    (logps * rollout.completion_mask).sum().backward()
-    assert calls == [True, True]  # the layer ran again in the backward
+def test_checkpointed_scoring_gives_the_plain_gradients_under_ddp_and_fsdp(tmp_path):
+    """Gradient checkpointing with the prompt shared (grpo_min/recompute.py) under DDP and FSDP2, full
+    fine-tuning and LoRA, 2 gloo ranks each scoring its own prompt (tests/checkpointing_worker.py): the
+    synchronised gradients equal the plain path's without checkpointing (fp32, 1e-5) on both ranks."""
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/checkpointing_worker.py",
+         str(tmp_path)], nproc=1)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(ranks[0]) == ["ddp-full", "ddp-lora", "fsdp-full", "fsdp-lora"]
+    for kind, result in ranks[0].items():
+        assert result["max_grad"] > 1e-3 and result["max_diff"] <= 1e-5 * max(1.0, result["max_grad"]), (kind, result)
+        assert ranks[1][kind]["grad_sum"] == pytest.approx(result["grad_sum"], rel=1e-6), kind  # synchronised
 
 
 def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tiny_model_dir):
@@ -527,7 +517,7 @@ def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tiny_model
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_memory_options_run(lora, tiny_model_dir, tmp_path):
-    """--gradient-checkpointing (scoring falls back to shared image features), accumulation, frozen vision,
+    """--gradient-checkpointing (the prompt still shared: tests/test_checkpointing.py), accumulation, frozen vision,
     bfloat16 compute. With LoRA (a bfloat16 base here) and --merge-lora in one process: final/ is a plain
     float32 model, the base with the last checkpoint's adapter merged in."""
     out = tmp_path / "mem"
@@ -542,7 +532,7 @@ def test_memory_options_run(lora, tiny_model_dir, tmp_path):
     lines = metrics(out)
     assert [l["step"] for l in lines] == [1, 2]
     assert [l["lr"] for l in lines] == pytest.approx([5e-4, 1e-3])  # the rate each update used (warm-up 1/2, 2/2)
-    # with checkpointing the reference takes the policy's path too, so even in bfloat16 the KL starts at 0
+    # the checkpointed policy pass computes what the reference's pass does, so even in bfloat16 the KL starts at 0
     assert lines[0]["kl"] == 0.0
     # 2 micro-batches x 2 prompts x 4 completions per step
     assert all(l["completion_tokens"] == pytest.approx(l["completion_length"] * 2 * 2 * 4) for l in lines)
