@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import grpo_min.loss
-from grpo_min.loss import group_advantages, grpo_loss
+from grpo_min.loss import group_advantages, grpo_loss, mean_stats
 
 GOLDEN = Path(__file__).parent / "golden" / "trl_grpo_loss.json"
 F64 = torch.float64
@@ -52,9 +52,10 @@ def hand_inputs():
 
 
 def loss_and_grad(logps, *args, **kwargs):
+    """Loss, d loss / d logps and the statistics as means (grpo_loss returns them as (sum, count))."""
     loss, stats = grpo_loss(logps, *args, **kwargs)
     (grad,) = torch.autograd.grad(loss, logps)
-    return loss, grad, stats
+    return loss, grad, mean_stats(stats)
 
 
 @pytest.mark.parametrize("loss_type, kwargs, expected_loss, grad_scale", [
@@ -140,7 +141,7 @@ def test_beta_zero_ignores_ref():
     logps, old_logps, advantages, mask = hand_inputs()
     without = grpo_loss(logps, old_logps, advantages, mask)
     with_ref = grpo_loss(logps, old_logps, advantages, mask, ref_logps=logps.detach() + 5.0, beta=0.0)
-    assert torch.equal(without[0], with_ref[0]) and with_ref[1]["kl"] == 0.0
+    assert torch.equal(without[0], with_ref[0]) and with_ref[1]["kl"] == (0.0, 7.0)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
