@@ -71,11 +71,12 @@ class RewardConfig:
 
 @dataclass
 class Scores:
-    """Rewards of N completions: the weighted total and each term (unweighted), all (N,)."""
+    """Rewards of N completions: the weighted total and each term (unweighted), all (N,), and each term's weight."""
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
     ious: list[float]
+    weights: dict[str, float] = field(default_factory=dict)  # total = sum of weights[k] * terms[k]
     parse_failures: int = 0  # completions with no readable box
     errors: int = 0  # reward evaluations that raised (scored 0)
     details: dict = field(default_factory=dict)
@@ -102,6 +103,7 @@ def score_completions(completions: list[str], targets: list[Target], config: Rew
             fmt[i] = spatial[i] = 0.0
             ious[i] = 0.0
     terms = {"format": fmt, "spatial": spatial}
+    weights = {"format": config.format_weight, "spatial": config.spatial_weight}
     total = config.format_weight * fmt + config.spatial_weight * spatial
     details = {}
     if config.semantic_weight and semantic_scorer is not None:
@@ -111,10 +113,10 @@ def score_completions(completions: list[str], targets: list[Target], config: Rew
         except Exception:  # the batched scorer failed: no semantic credit this step, counted, run goes on
             semantic, sem_details = torch.zeros(n), {}
             errors += sum(eligible)
-        terms["semantic"] = semantic
+        terms["semantic"], weights["semantic"] = semantic, config.semantic_weight
         total = total + config.semantic_weight * semantic
         details.update(sem_details)
-    return Scores(total=total, terms=terms, ious=ious, parse_failures=parse_failures, errors=errors,
+    return Scores(total=total, terms=terms, ious=ious, weights=weights, parse_failures=parse_failures, errors=errors,
                   details=details)
 
 

@@ -29,8 +29,9 @@ from grpo_min.checkpoint import (CheckpointError, MetricsLog, Preemption, check_
                                  warn_config_changes)
 from grpo_min.cli import banner, parse_options
 from grpo_min.lora import adapters_off
-from grpo_min.loss import SCALES, group_advantages, grpo_loss
-from grpo_min.metrics import PhaseTimer, rollout_record, run_checks, update_record
+from grpo_min.loss import (AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALES, TOKEN_SUM_LOSS_TYPES,
+                           group_advantages, grpo_loss, needs_entropies)
+from grpo_min.metrics import PhaseTimer, add_stats, rollout_record, run_checks, update_record
 from grpo_min.models import compute_precision, load_policy, load_reference, resolve_dtype, resolve_model_path
 from grpo_min.optim import clipped_step, make_optimizer
 from grpo_min.prompts import encode_prompts, load_template, special_token_ids
@@ -61,9 +62,33 @@ class Config:
     beta: float = opt(0.04, "weight of the k3 KL to the frozen reference; 0 loads no reference")
     epsilon: float = opt(0.2, "clip range: ratio clipped to [1 - epsilon, 1 + epsilon_high]")
     epsilon_high: float | None = opt(None, "upper clip range (DAPO's clip-higher); default: --epsilon")
-    loss_type: str = opt("grpo", "token aggregation", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    loss_type: str = opt("grpo", "token aggregation (grpo, bnpo, dr_grpo, dapo) or loss variant (luspo, cispo, sapo, "
+                         "vespo; grpo_min/variants.py)", choices=LOSS_TYPES)
     scale_rewards: str = opt("group", "advantage scaling: group std, batch std or none", choices=SCALES)
     num_iterations: int = opt(1, "mu: optimizer updates per rollout (old log-probs from a forward after sampling)")
+    # --- GRPO variants, for ablations (TRL 1.16's names; docs/METHOD.md, "Loss variants") ---
+    importance_sampling_level: str = opt("token", "one ratio per token, or per sequence (GSPO)",
+                                         choices=IMPORTANCE_SAMPLING_LEVELS)
+    delta: float | None = opt(None, "two-sided clipping (INTELLECT-2): cap the unclipped ratio at delta (> 1 + "
+                              "epsilon_high); default: off")
+    use_bias_correction_kl: bool = opt(False, "multiply the k3 KL by the importance ratio (DeepSeek-V3.2; TRL 1.16's "
+                                       "default is on)")
+    top_entropy_quantile: float = opt(1.0, "policy loss on the top fraction of tokens by entropy, over all ranks (0.2: "
+                                      "the top 20%; 1: all tokens)")
+    off_policy_mask_threshold: float | None = opt(None, "drop a sequence with A < 0 whose mean log(pi_old / pi) "
+                                                  "exceeds this (DeepSeek-V3.2); default: off")
+    entropy_coef: float = opt(0.0, "entropy bonus: minus coef x the mean token entropy (0: off)")
+    mask_truncated_completions: bool = opt(False, "no loss on completions that hit --max-completion-length without EOS "
+                                           "(DAPO); they still count in their group's advantages")
+    multi_objective_aggregation: str = opt("sum_then_normalize", "advantages from the weighted sum of the reward "
+                                           "terms, or each term z-scored in its group first (GDPO)",
+                                           choices=AGGREGATIONS)
+    sapo_temperature_pos: float = opt(1.0, "SAPO's gate temperature for A > 0 (--loss-type sapo)")
+    sapo_temperature_neg: float = opt(1.05, "SAPO's gate temperature for A <= 0 (--loss-type sapo)")
+    vespo_k_pos: float = opt(2.0, "VESPO's gamma-weight power for A >= 0 (--loss-type vespo)")
+    vespo_k_neg: float = opt(3.0, "VESPO's gamma-weight power for A < 0 (--loss-type vespo)")
+    vespo_lambda_pos: float = opt(3.0, "VESPO's gamma-weight decay for A >= 0 (--loss-type vespo)")
+    vespo_lambda_neg: float = opt(2.0, "VESPO's gamma-weight decay for A < 0 (--loss-type vespo)")
     # --- rewards ---
     spatial_reward: str = opt("hard", "hard: 1[IoU > 0.5] (the paper); iou: continuous IoU", choices=("hard", "iou"))
     format_weight: float = opt(1.0, "weight of the format reward")
@@ -120,6 +145,17 @@ def parse_config(argv=None) -> Config:
     return parse_options(Config, argv, description=__doc__)
 
 
+LOSS_OPTIONS = ("beta", "epsilon", "epsilon_high", "loss_type", "max_completion_length", "importance_sampling_level",
+                "delta", "use_bias_correction_kl", "top_entropy_quantile", "off_policy_mask_threshold", "entropy_coef",
+                "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos", "vespo_k_neg", "vespo_lambda_pos",
+                "vespo_lambda_neg")
+
+
+def loss_options(cfg: Config) -> dict:
+    """grpo_loss's keywords from the config: the options of the same names (TRL's), built in this one place."""
+    return {name: getattr(cfg, name) for name in LOSS_OPTIONS}
+
+
 # ====================================================================================== one GRPO step
 def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, batches, reward, template: str, *,
               passes: ModelPasses | None = None, updates: int | None = None,
@@ -138,6 +174,7 @@ def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, b
     device = next(model.parameters()).device
     timer = timer or PhaseTimer(device)
     passes = passes or model_passes(cfg, processor, device)
+    eos = torch.tensor(special_token_ids(processor)["eos"], device=device)
 
     # S1-S3. Encode each micro-batch's prompts, sample G completions per prompt, and score them.
     rollouts, scores = [], []
@@ -155,14 +192,19 @@ def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, b
     # S4. Group-relative advantages, over the global batch (all ranks), so that "batch" scaling is global.
     rewards = torch.cat([s.total for s in scores])  # (M*B*G,) this rank's completions
     all_rewards = dist.all_gather_cat(rewards.to(device))  # (ranks*M*B*G,)
-    advantages = group_advantages(all_rewards, G, scale=cfg.scale_rewards)
+    if cfg.multi_objective_aggregation == "normalize_then_sum":  # GDPO: each reward term normalised on its own
+        advantages = term_advantages(scores, G, device)
+    else:
+        advantages = group_advantages(all_rewards, G, scale=cfg.scale_rewards)
     advantages = advantages.view(dist.world_size(), -1)[dist.rank()].cpu()  # (M*B*G,) this rank's slice
-    # dapo divides by the completion tokens of the global batch; under DDP, which averages gradients over the
-    # ranks, each rank's share of it.
+    truncated = [~torch.isin(r.completion_ids, eos).any(dim=1) for r in rollouts]  # (B*G,) each: no EOS, cut off
+    loss_masks = [r.completion_mask * ~t[:, None] if cfg.mask_truncated_completions else r.completion_mask
+                  for r, t in zip(rollouts, truncated)]  # (B*G, T) each: DAPO's truncation masking, when asked
+    # dapo, cispo and vespo divide by the completion tokens of the global batch; under DDP, which averages
+    # gradients over the ranks, each rank's share of it.
     num_items = None
-    if cfg.loss_type == "dapo":
-        num_items = dist.all_reduce_sum(sum(r.completion_mask.sum() for r in rollouts).to(device)).item()
-        num_items /= dist.world_size()
+    if cfg.loss_type in TOKEN_SUM_LOSS_TYPES:
+        num_items = dist.all_reduce_sum(sum(m.sum() for m in loss_masks).to(device)).item() / dist.world_size()
 
     # S5. Log-probs without gradients: the sampling policy's (needed only when a rollout serves several updates)
     #     and the reference's.
@@ -182,31 +224,30 @@ def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, b
 
     # S6. `updates` optimizer updates, each accumulating the clipped policy loss (+ beta KL) over the micro-batches.
     records = []
+    with_entropies = needs_entropies(cfg.top_entropy_quantile, cfg.entropy_coef)  # scored only when the loss needs them
     for _ in range(updates):
         optimizer.zero_grad(set_to_none=True)
-        total_loss, stats = torch.zeros((), device=device), {}
+        total_loss, applied_loss, stats = torch.zeros((), device=device), 0.0, {}
         for m, r in enumerate(rollouts):
             adv = advantages[m * len(r.texts):(m + 1) * len(r.texts)].to(device)  # (B*G,)
             with timer("policy"), dist.no_sync_unless_last(policy, m == len(rollouts) - 1):
                 with passes.precision():  # the forward in the compute precision; log-probs come out in float32
-                    logps = passes.logps(policy, r)  # (B*G, T)
+                    scored = passes.logps(policy, r, entropies=with_entropies)
+                logps, entropies = scored if with_entropies else (scored, None)  # (B*G, T) each
                 old = old_logps[m] if old_logps[m] is not None else logps.detach()  # one update: ratio 1
-                loss, micro_stats = grpo_loss(logps, old, adv, r.completion_mask, ref_logps=ref_logps[m],
-                                              beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                                              loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
-                                              num_items_in_batch=num_items)
-                # dapo is already normalised by the global token count (x ranks: DDP averages gradients),
-                # so its micro-batch losses add up; the other types average over the micro-batches.
-                share = 1 if cfg.loss_type == "dapo" else len(rollouts)
+                loss, micro_stats = grpo_loss(logps, old, adv, loss_masks[m], ref_logps=ref_logps[m],
+                                              entropies=entropies, num_items_in_batch=num_items, **loss_options(cfg))
+                # dapo (cispo, vespo) is already normalised by the global token count (x ranks: DDP averages
+                # gradients), so its micro-batch losses add up; the other types average over the micro-batches.
+                share = 1 if cfg.loss_type in TOKEN_SUM_LOSS_TYPES else len(rollouts)
                 (loss / share).backward()
             total_loss += loss.detach()
-            stats["loss"] = stats.get("loss", 0.0) + loss.item() / share  # the objective as applied
-            for k, v in micro_stats.items():
-                stats[k] = stats.get(k, 0.0) + v / len(rollouts)
+            applied_loss += loss.item() / share  # the objective as applied
+            add_stats(stats, micro_stats)  # sums and counts: weighted by tokens over micro-batches and ranks
         with timer("optimizer"):
             grad_norm, skipped, lr = clipped_step(policy, optimizer, scheduler, total_loss, cfg.max_grad_norm)
-        records.append(update_record(stats, grad_norm, lr, skipped, device))
-    rollout_stats = rollout_record(scores, rollouts, rewards, all_rewards, G, device)
+        records.append(update_record(applied_loss, stats, grad_norm, lr, skipped, device))
+    rollout_stats = rollout_record(scores, rollouts, rewards, all_rewards, G, device, torch.cat(truncated))
     return [{**rollout_stats, **record} for record in records]
 
 
@@ -215,7 +256,9 @@ class ModelPasses:
     """How a run's forward passes are made, fixed once per run: their precision, and the scoring pass."""
 
     precision: Callable  # () -> context manager: autocast to the compute dtype (weights stay float32)
-    logps: Callable  # (model, rollout.Rollout) -> (B*G, T) log-probs of its completion tokens, float32
+    # (model, rollout.Rollout, entropies=False) -> (B*G, T) log-probs of its completion tokens, float32; with
+    # entropies=True, (log-probs, per-token entropies)
+    logps: Callable
 
 
 def model_passes(cfg: Config, processor, device) -> ModelPasses:
@@ -224,9 +267,9 @@ def model_passes(cfg: Config, processor, device) -> ModelPasses:
     dtype = resolve_dtype(cfg.dtype, device)
     never = special_token_ids(processor)["never"]
 
-    def logps(model, r):
+    def logps(model, r, entropies=False):
         return completion_logps(model, r.prompts, r.completion_ids, r.completion_mask, group_size=cfg.num_generations,
-                                temperature=cfg.temperature, never_ids=never)
+                                temperature=cfg.temperature, never_ids=never, entropies=entropies)
 
     return ModelPasses(precision=lambda: compute_precision(device, dtype), logps=logps)
 
@@ -374,6 +417,16 @@ def train(cfg: Config, preemption: Preemption):
 
 
 # ====================================================================================== helpers of the run
+def term_advantages(scores, group_size: int, device) -> torch.Tensor:
+    """GDPO's advantages over the global batch (all ranks): each reward term z-scored within its group, summed
+    with the terms' weights, the sum z-scored over the batch (``group_advantages(aggregation="normalize_then_sum")``).
+    A truncated completion keeps its rewards here: --mask-truncated-completions acts on the loss only."""
+    names = list(scores[0].terms)
+    terms = torch.stack([torch.cat([s.terms[k] for s in scores]) for k in names], dim=1)  # (M*B*G, K)
+    return group_advantages(dist.all_gather_cat(terms.to(device)), group_size, aggregation="normalize_then_sum",
+                            weights=[scores[0].weights[k] for k in names])  # (ranks*M*B*G,)
+
+
 def rollout_batches(train_set, step: int, cfg: Config, origin: tuple[int, int] = (0, 0)) -> list[list]:
     """This rank's micro-batches for the rollout that starts at ``step``.
 

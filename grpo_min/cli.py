@@ -45,9 +45,18 @@ LIMITS = {
     "eval_limit": (lambda v: v >= 1, "at least 1 (leave it out to evaluate whole splits)"),
     "lora_r": (lambda v: v >= 0, "0 (off: full fine-tuning) or more"), "lora_alpha": _POSITIVE,
     "lora_dropout": (lambda v: 0 <= v < 1, "0 or more and below 1"),
+    "delta": (lambda v: v > 1, "above 1 (above 1 + epsilon_high to matter)"),
+    "top_entropy_quantile": (lambda v: 0 < v <= 1, "above 0 and at most 1 (1: every token)"),
+    "off_policy_mask_threshold": _NON_NEGATIVE, "entropy_coef": _NON_NEGATIVE,
+    "sapo_temperature_pos": _POSITIVE, "sapo_temperature_neg": _POSITIVE, "vespo_k_pos": _NON_NEGATIVE,
+    "vespo_k_neg": _NON_NEGATIVE, "vespo_lambda_pos": _POSITIVE, "vespo_lambda_neg": _POSITIVE,
 }
 # Options that shape the adapters: with LoRA off (--lora-r 0) they would silently do nothing.
 LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_vision", "merge_lora")
+# Loss options that act only with some --loss-type values (grpo_min/variants.py): elsewhere they would do nothing.
+LOSS_TYPE_OPTIONS = {"delta": ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"),
+                     "sapo_temperature_pos": ("sapo",), "sapo_temperature_neg": ("sapo",),
+                     **{f"vespo_{p}": ("vespo",) for p in ("k_pos", "k_neg", "lambda_pos", "lambda_neg")}}
 
 
 def flag(name: str) -> str:
@@ -97,6 +106,7 @@ def parse_options(config_class, argv=None, description: str = ""):
     if config.compile_generation and config.fsdp:
         parser.error("--compile-generation does not combine with --fsdp: FSDP gathers weights inside each forward, "
                      "which a CUDA graph cannot replay")
+    check_loss_options(parser, config, {f.name: f.default for f in fields(config_class)})
     check_lora(parser, config, {f.name: f.default for f in fields(config_class)})
     if preset:
         dist.print0("Demo preset (override any option to change it): " +
@@ -104,6 +114,16 @@ def parse_options(config_class, argv=None, description: str = ""):
     if model == "tiny" and dataset != "synthetic":
         dist.print0("WARNING: --model tiny has never seen a real image: this run only smoke-tests the pipeline.")
     return config
+
+
+def check_loss_options(parser, config, defaults: dict):
+    """Refuse loss options that would do nothing with the chosen --loss-type or advantage aggregation."""
+    for name, loss_types in LOSS_TYPE_OPTIONS.items():
+        if getattr(config, name) != defaults[name] and config.loss_type not in loss_types:
+            parser.error(f"{flag(name)} acts only with --loss-type {' or '.join(loss_types)}, not {config.loss_type}")
+    if config.multi_objective_aggregation == "normalize_then_sum" and config.scale_rewards != defaults["scale_rewards"]:
+        parser.error("--scale-rewards does not apply to --multi-objective-aggregation normalize_then_sum (GDPO "
+                     "always scales by the batch std)")
 
 
 def check_lora(parser, config, defaults: dict):

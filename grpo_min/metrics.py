@@ -15,11 +15,12 @@ from grpo_min import dist
 
 
 def rollout_record(scores, rollouts, rewards: torch.Tensor, all_rewards: torch.Tensor, group_size: int,
-                   device) -> dict:
+                   device, truncated: torch.Tensor) -> dict:
     """Reward, parse and length statistics of one rollout, over every rank's completions.
 
     scores: this rank's rewards.Scores (one per micro-batch); rollouts: its rollout.Rollout records; rewards:
-    (N,) its total rewards; all_rewards: every rank's, gathered.
+    (N,) its total rewards; all_rewards: every rank's, gathered; truncated: (N,) its completions that hit
+    the length limit without an EOS.
     """
     lengths = torch.cat([r.completion_mask.sum(1) for r in rollouts])  # (N,)
     semantic_on = "semantic" in scores[0].terms
@@ -31,6 +32,7 @@ def rollout_record(scores, rollouts, rewards: torch.Tensor, all_rewards: torch.T
         "semantic_scored": float(sum(s.details.get("semantic_scored", 0) for s in scores)),
         "semantic_invalid_boxes": float(sum(s.details.get("semantic_invalid_boxes", 0) for s in scores)),
         "completion_tokens": lengths.sum().item(),
+        "truncated": truncated.sum().item(),
     }
     summed = dist.reduce_dict_sum(local, device)
     n, grouped = all_rewards.numel(), all_rewards.view(-1, group_size)
@@ -40,14 +42,30 @@ def rollout_record(scores, rollouts, rewards: torch.Tensor, all_rewards: torch.T
             "parse_failure_rate": summed["parse_failure_rate"] / n,
             "reward_errors": int(summed["reward_errors"]),
             **({k: int(summed[k]) for k in ("semantic_scored", "semantic_invalid_boxes")} if semantic_on else {}),
+            "truncated_fraction": summed["truncated"] / n,
             "completion_length": summed["completion_tokens"] / n,
             "completion_tokens": int(summed["completion_tokens"])}
 
 
-def update_record(stats: dict, grad_norm, lr: float, skipped: bool, device) -> dict:
-    """One optimizer update's loss statistics (means over ranks), gradient norm, learning rate."""
-    summed = dist.reduce_dict_sum(stats, device)
-    return {**{k: v / dist.world_size() for k, v in summed.items()}, "grad_norm": float(grad_norm), "lr": lr,
+def add_stats(totals: dict, stats: dict) -> dict:
+    """Add one micro-batch's grpo_loss statistics, {name: (sum, count)}, into running totals (in place)."""
+    for name, (value, count) in stats.items():
+        total, n = totals.get(name, (0.0, 0.0))
+        totals[name] = (total + value, n + count)
+    return totals
+
+
+def update_record(loss: float, stats: dict, grad_norm, lr: float, skipped: bool, device) -> dict:
+    """One optimizer update's loss (mean over ranks), loss statistics, gradient norm, learning rate.
+
+    stats: this rank's {name: (sum, count)} over its micro-batches (``add_stats``); each statistic is its sum over
+    every rank divided by its count over every rank, i.e. weighted by tokens (or sequences), as TRL logs them.
+    """
+    flat = {"loss": loss, **{f"{k}/sum": v for k, (v, _) in stats.items()},
+            **{f"{k}/count": n for k, (_, n) in stats.items()}}
+    summed = dist.reduce_dict_sum(flat, device)
+    means = {k: summed[f"{k}/sum"] / summed[f"{k}/count"] if summed[f"{k}/count"] else 0.0 for k in stats}
+    return {"loss": summed["loss"] / dist.world_size(), **means, "grad_norm": float(grad_norm), "lr": lr,
             "skipped_update": skipped}
 
 

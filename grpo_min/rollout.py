@@ -244,8 +244,9 @@ _COMPILED: dict = {}
 
 def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                      *, group_size: int, temperature: float = 1.0, never_ids: list[int] | None = None,
-                     encode_image_once: bool = True) -> torch.Tensor:
-    """Log-probabilities (B*G, T) of each completion token under ``model``, from logits / temperature.
+                     encode_image_once: bool = True, entropies: bool = False):
+    """Log-probabilities (B*G, T) of each completion token under ``model``, from logits / temperature
+    (with ``entropies=True``: and the per-token entropies, ``token_logps``).
 
     The plain path (``encode_image_once=False``) scores B*G rows of prompt + completion, with
     ``pixel_values`` repeated G times: each prompt, image included, goes through the model G times.
@@ -256,7 +257,7 @@ def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, 
     """
     if encode_image_once:
         return _logps_sharing_the_prompt(model, prompts, completion_ids, completion_mask, group_size=group_size,
-                                         temperature=temperature, never_ids=never_ids)
+                                         temperature=temperature, never_ids=never_ids, entropies=entropies)
     inputs = prompts.inputs
     rep = lambda t: t.repeat_interleave(group_size, dim=0)
     T = completion_ids.shape[1]
@@ -271,12 +272,12 @@ def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, 
     per_image = torch.split(inputs["pixel_values"], counts)
     kwargs["pixel_values"] = torch.cat([p for p in per_image for _ in range(group_size)])
     logits = model(**kwargs).logits[:, :-1, :]  # (B*G, T, V): position t predicts completion token t
-    return token_logps(logits, completion_ids, temperature, never_ids)
+    return token_logps(logits, completion_ids, temperature, never_ids, entropies=entropies)
 
 
 def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch.Tensor,
                               completion_mask: torch.Tensor, *, group_size: int, temperature: float,
-                              never_ids: list[int] | None) -> torch.Tensor:
+                              never_ids: list[int] | None, entropies: bool = False):
     """``completion_logps``'s fast path: each prompt goes through the model once, not G times.
 
     The G completions of a group share their prompt. Step 1 runs the B prompts alone (vision tower
@@ -294,8 +295,9 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
     if T == 1:  # step 2 must run anyway: DDP syncs gradients and FSDP gathers weights in the wrapper's call, on
         # every rank alike. Score one masked copy of the token after it, and keep the first column.
         twice, mask = completion_ids.repeat(1, 2), torch.cat([completion_mask, torch.zeros_like(completion_mask)], 1)
-        return _logps_sharing_the_prompt(model, prompts, twice, mask, group_size=G, temperature=temperature,
-                                         never_ids=never_ids)[:, :1]
+        scored = _logps_sharing_the_prompt(model, prompts, twice, mask, group_size=G, temperature=temperature,
+                                           never_ids=never_ids, entropies=entropies)
+        return tuple(t[:, :1] for t in scored) if entropies else scored[:, :1]
     with recompute.layers_keep_the_cache(inner):
         # 1. The B prompts, once; the last prompt position predicts completion token 0. first: (B*G, V);
         #    prompt_cache: each layer's keys and values, repeated for the B*G rows; next_position: (B*G,).
@@ -310,7 +312,7 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
                      position_ids=positions.expand(3, -1, -1),
                      **{_cache_argument(inner): recompute.PrefixCache(prompt_cache)}).logits  # (B*G, T-1, V)
     logits = torch.cat([first[:, None], rest], dim=1)  # (B*G, T, V): position t predicts completion token t
-    return token_logps(logits, completion_ids, temperature, never_ids)
+    return token_logps(logits, completion_ids, temperature, never_ids, entropies=entropies)
 
 
 
@@ -321,17 +323,22 @@ def _cache_argument(model) -> str:
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                never_ids: list[int] | None = None, chunk: int = 8) -> torch.Tensor:
+                never_ids: list[int] | None = None, chunk: int = 8, entropies: bool = False):
     """log softmax(logits / temperature)[target], in float32, a few rows at a time.
 
     Done in row chunks so that the float32 copy of a (rows, T, vocabulary) block stays small: with
-    Qwen's 151k vocabulary a full-batch float32 log_softmax is the usual memory peak.
+    Qwen's 151k vocabulary a full-batch float32 log_softmax is the usual memory peak. With
+    ``entropies=True`` returns (log-probs, entropies), both (B*G, T): the entropy of the same scored
+    distribution at each position, differentiable (for the loss's entropy options only).
     """
-    out = []
+    out, entropy = [], []
     for lg, tg in zip(logits.split(chunk), targets.split(chunk)):
         lg = lg.float() / temperature  # (c, T, V)
         if never_ids:
             lg = lg.index_fill(-1, torch.tensor(never_ids, device=lg.device), float("-inf"))
         picked = lg.gather(-1, tg.unsqueeze(-1)).squeeze(-1)  # (c, T)
-        out.append(picked - torch.logsumexp(lg, dim=-1))  # (c, T)
-    return torch.cat(out)  # (B*G, T)
+        log_z = torch.logsumexp(lg, dim=-1)  # (c, T)
+        out.append(picked - log_z)  # (c, T)
+        if entropies:  # H = log Z - sum_v p_v logit_v; a never-token has p 0 (its -inf logit read as 0)
+            entropy.append(log_z - (torch.softmax(lg, dim=-1) * lg.nan_to_num(neginf=0.0)).sum(-1))  # (c, T)
+    return (torch.cat(out), torch.cat(entropy)) if entropies else torch.cat(out)  # (B*G, T)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import grpo_min.loss
-from grpo_min.loss import group_advantages, grpo_loss
+from grpo_min.loss import group_advantages, grpo_loss, mean_stats
 
 GOLDEN = Path(__file__).parent / "golden" / "trl_grpo_loss.json"
 F64 = torch.float64
@@ -52,9 +52,10 @@ def hand_inputs():
 
 
 def loss_and_grad(logps, *args, **kwargs):
+    """Loss, d loss / d logps and the statistics as means (grpo_loss returns them as (sum, count))."""
     loss, stats = grpo_loss(logps, *args, **kwargs)
     (grad,) = torch.autograd.grad(loss, logps)
-    return loss, grad, stats
+    return loss, grad, mean_stats(stats)
 
 
 @pytest.mark.parametrize("loss_type, kwargs, expected_loss, grad_scale", [
@@ -140,7 +141,7 @@ def test_beta_zero_ignores_ref():
     logps, old_logps, advantages, mask = hand_inputs()
     without = grpo_loss(logps, old_logps, advantages, mask)
     with_ref = grpo_loss(logps, old_logps, advantages, mask, ref_logps=logps.detach() + 5.0, beta=0.0)
-    assert torch.equal(without[0], with_ref[0]) and with_ref[1]["kl"] == 0.0
+    assert torch.equal(without[0], with_ref[0]) and with_ref[1]["kl"] == (0.0, 7.0)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
@@ -264,8 +265,12 @@ def test_advantages_bad_arguments():
         group_advantages(torch.zeros(5), 3)
     with pytest.raises(ValueError, match="divisible"):
         group_advantages(torch.zeros(6), 0)
-    with pytest.raises(ValueError, match="1-D"):
-        group_advantages(torch.zeros(2, 3), 3)
+    with pytest.raises(ValueError, match=r"\(B,\) or \(B, K\)"):
+        group_advantages(torch.zeros(3, 2, 1), 3)
+    with pytest.raises(ValueError, match="per-term"):
+        group_advantages(torch.zeros(6), 3, aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match="aggregation"):
+        group_advantages(torch.zeros(6, 2), 3, aggregation="sum")
 
 
 def test_docstring_examples():
@@ -315,3 +320,79 @@ def test_advantages_match_trl(case):
     # atol: TRL's nanstd computes Bessel's n/(n-1) in float32, a ~3e-8 relative difference for "batch"
     advantages = group_advantages(torch.tensor(case["rewards"], dtype=F64), case["group_size"], case["scale"])
     close(advantages, case["advantages"], atol=1e-6)
+
+
+# The variants of TRL 1.16 (grpo_min/variants.py), against TRL's own _compute_loss: tests/golden/trl_grpo_variants.json
+# (scripts/make_trl_golden.py lists the cases: every loss type x ratio level x beta x option set x old log-probs).
+with (GOLDEN.parent / "trl_grpo_variants.json").open() as f:
+    TRL_VARIANTS = json.load(f)
+# TRL's metric name for each of our statistics (TRL logs no fraction for the two masks)
+TRL_METRIC = {"kl": "kl", "entropy": "entropy", "clip_low": "clip_ratio/low_mean",
+              "clip_high": "clip_ratio/high_mean", "clip_fraction": "clip_ratio/region_mean",
+              "vespo_phi": "vespo/phi_seq_mean"}
+
+
+def variant_id(case):
+    options = "+".join(f"{k}={v}" for k, v in case["options"].items()) or "plain"
+    return (f"{case['loss_type']}-{case['importance_sampling_level']}-beta{case['beta']}-"
+            f"{'on' if case['on_policy'] else 'off'}_policy-{options}")
+
+
+def close_rel(actual, expected):
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=F64), torch.as_tensor(expected, dtype=F64),
+                               rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", TRL_VARIANTS["loss_cases"], ids=variant_id)
+def test_variant_matches_trl(case):
+    inputs, settings = TRL_VARIANTS["inputs"], TRL_VARIANTS["trl_settings"]
+    logps = torch.tensor(inputs["logps"], dtype=F64, requires_grad=True)
+    entropies = torch.tensor(inputs["entropies"], dtype=F64, requires_grad=True)
+    old = logps.detach() if case["on_policy"] else torch.tensor(inputs["old_logps"], dtype=F64)
+    parameters = {k: settings[k] for k in ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+                                           "vespo_k_neg", "vespo_lambda_pos", "vespo_lambda_neg")}
+    loss, stats = grpo_loss(
+        logps, old, torch.tensor(inputs["advantages"], dtype=F64), torch.tensor(inputs["mask"], dtype=F64),
+        ref_logps=torch.tensor(inputs["ref_logps"], dtype=F64), entropies=entropies, beta=case["beta"],
+        epsilon=case["epsilon"], epsilon_high=case["epsilon_high"], loss_type=case["loss_type"],
+        importance_sampling_level=case["importance_sampling_level"],
+        max_completion_length=settings["max_completion_length"], num_items_in_batch=settings["num_items_in_batch"],
+        **parameters, **case["options"])
+    grad, entropy_grad = torch.autograd.grad(loss, [logps, entropies], allow_unused=True)
+    close_rel(loss, case["loss"])
+    close_rel(grad, case["grad"])
+    if "entropy_grad" in case:
+        close_rel(entropy_grad, case["entropy_grad"])
+    else:  # no bonus: the entropies only select tokens, they get no gradient
+        assert entropy_grad is None or not entropy_grad.any()
+    means = mean_stats(stats)
+    for ours, theirs in TRL_METRIC.items():
+        if theirs in case["trl_metrics"]:
+            assert means[ours] == pytest.approx(case["trl_metrics"][theirs], rel=1e-5, abs=1e-8), ours
+    if case["loss_type"] == "cispo":
+        assert means["clip_fraction"] == pytest.approx(case["trl_metrics"]["cispo_clip_ratio"], rel=1e-5, abs=1e-8)
+
+
+def test_variant_goldens_exercise_each_option():
+    """The golden inputs make every option change something: clipping at both levels, capped CISPO weights, a
+    dropped sequence, tokens the entropy mask leaves out, a VESPO weight far from 1."""
+    cases = {variant_id(c): c for c in TRL_VARIANTS["loss_cases"]}
+    off, on = "beta0.0-off_policy", "beta0.0-on_policy"
+    for level in ("token", "sequence"):
+        assert cases[f"grpo-{level}-{off}-plain"]["trl_metrics"]["clip_ratio/region_mean"] > 0
+        assert cases[f"cispo-{level}-{off}-plain"]["trl_metrics"]["cispo_clip_ratio"] > 0
+        for option in ("delta=1.25", "top_entropy_quantile=0.4", "off_policy_mask_threshold=0.05",
+                       "entropy_coef=0.01"):
+            assert cases[f"grpo-{level}-{off}-{option}"]["loss"] != cases[f"grpo-{level}-{off}-plain"]["loss"], option
+        assert (cases[f"dapo-{level}-beta0.04-on_policy-use_bias_correction_kl=True"]["grad"]
+                != cases[f"dapo-{level}-beta0.04-on_policy-plain"]["grad"])  # on-policy: the value alike, not the gradient
+        assert cases[f"vespo-{level}-{off}-plain"]["trl_metrics"]["vespo/phi_seq_mean"] < 0.99
+    assert cases[f"sapo-token-{on}-plain"]["loss"] != cases[f"sapo-token-{off}-plain"]["loss"]
+
+
+@pytest.mark.parametrize("case", TRL_VARIANTS["advantage_cases"],
+                         ids=lambda c: f"{c['aggregation']}-weights{c['weights']}")
+def test_multi_objective_advantages_match_trl(case):
+    advantages = group_advantages(torch.tensor(case["rewards"], dtype=F64), case["group_size"],
+                                  weights=case["weights"], aggregation=case["aggregation"])
+    close(advantages, case["advantages"], atol=1e-6)  # TRL's nanstd: Bessel's factor in float32

@@ -6,8 +6,8 @@ completion holds a readable box, so every real reward is 0, every advantage is 0
 adds a term that depends on the text alone (the fraction of digits in it), so completions of a
 group differ, the policy gets a gradient, and the weights, KL and ratios change from step to step.
 Everything else is train.py as shipped. With ``GRPO_MIN_TEST_TRACE=FOLDER`` each rank also writes
-what it scored and trained on (``FOLDER/rank<r>.jsonl``: its rewards; the advantages, completion tokens and
-dapo normaliser its loss got; one line each per micro-batch), so that a test can check the distributed bookkeeping.
+what it scored and trained on (``FOLDER/rank<r>.jsonl``: its rewards; the advantages, completion tokens,
+dapo normaliser and entropies its loss got, and the statistics it returned; one line each per micro-batch), so that a test can check the distributed bookkeeping.
 
     python tests/train_with_test_reward.py --model PATH ...   # the same options as train.py
     monkeypatch.setattr(train.R, "score_completions", score_with_digits)   # in-process runs
@@ -44,9 +44,12 @@ def score_with_digits(completions, targets, config, semantic_scorer=None):
 
 
 def traced_loss(logps, old_logps, advantages, completion_mask, *args, **kwargs):
+    loss, stats = _real_grpo_loss(logps, old_logps, advantages, completion_mask, *args, **kwargs)
+    entropies = kwargs.get("entropies")
     _trace(advantages=advantages.tolist(), tokens=completion_mask.sum().item(),
-           num_items_in_batch=kwargs.get("num_items_in_batch"))
-    return _real_grpo_loss(logps, old_logps, advantages, completion_mask, *args, **kwargs)
+           num_items_in_batch=kwargs.get("num_items_in_batch"), stats=stats,
+           **({} if entropies is None else {"entropies": entropies[completion_mask.bool()].tolist()}))
+    return loss, stats
 
 
 _real_grpo_loss = train.grpo_loss
