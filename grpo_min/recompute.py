@@ -1,7 +1,7 @@
 """Gradient checkpointing that keeps the prompt shared: KV caches that a recomputed layer can read again.
 
 Scoring runs each prompt once per group and its G completions on top of the prompt's keys and values
-(``rollout._logps_sharing_the_prompt``). Gradient checkpointing (``--gradient-checkpointing``) keeps
+(``rollout.completion_logps``). Gradient checkpointing (``--gradient-checkpointing``) keeps
 only each decoder layer's input in the forward and runs the layer again in the backward to rebuild
 what the backward needs (``torch.utils.checkpoint``, non-reentrant, through transformers'
 ``GradientCheckpointingLayer``, which wraps the layer's ``forward`` so that FSDP's hooks stay

@@ -1,13 +1,14 @@
-"""Rollouts: encode prompts, sample G completions per prompt, and score completion tokens.
+"""Rollouts, made fast: sample G completions per prompt, and score completion tokens.
 
-Two model passes matter in GRPO and both live here:
+Two model passes matter in GRPO and both live here, each the fast version of a function of
+grpo_min/core.py (which tests hold them equal to):
 
 * ``generate_completions``: sample a group of G completions for each of B prompts, in a decoding
   loop of plain PyTorch that runs each prompt (image included) once and its G completions on top
-  of its KV cache.
+  of its KV cache, written in place into a cache allocated once.
 * ``completion_logps``: per-token log-probabilities of the completion tokens under a model, the
-  quantity that the loss, the old policy and the reference policy all need. Its fast path runs each
-  prompt (image included) once per group instead of G times; the plain path stays as the reference.
+  quantity that the loss, the old policy and the reference policy all need, with each prompt
+  (image included) through the model once per group instead of G times.
 
 Shapes: B prompts, G completions each, P prompt tokens (left-padded), T completion tokens
 (right-padded). Rows of every (B*G, ...) tensor hold each prompt's G completions adjacently.
@@ -135,7 +136,7 @@ def _prompt_pass(model, prompts: PromptBatch, group_size: int, cache=None):
                 **{_cache_argument(inner): cache})
     cache = getattr(out, _cache_argument(inner))
     if cache is None or cache.get_seq_length() != P:  # never continue a completion without its prompt
-        raise RuntimeError("the prompt pass returned no KV cache; call completion_logps(encode_image_once=False)")
+        raise RuntimeError("the prompt pass returned no KV cache, which continuing a completion needs")
     cache.batch_repeat_interleave(G)  # each prompt's keys and values G times
     next_position = (positions.amax(dim=(0, 2)) + 1).repeat_interleave(G)  # (B*G,)
     return out.logits[:, -1].repeat_interleave(G, dim=0), cache, next_position
@@ -244,43 +245,13 @@ _COMPILED: dict = {}
 
 def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                      *, group_size: int, temperature: float = 1.0, never_ids: list[int] | None = None,
-                     encode_image_once: bool = True, entropies: bool = False):
-    """Log-probabilities (B*G, T) of each completion token under ``model``, from logits / temperature
-    (with ``entropies=True``: and the per-token entropies, ``token_logps``).
+                     entropies: bool = False):
+    """Log-probabilities (B*G, T) of each completion token under ``model``, from logits / temperature, with each
+    prompt through the model once per group, not G times (``entropies=True``: and the per-token entropies).
 
-    The plain path (``encode_image_once=False``) scores B*G rows of prompt + completion, with
-    ``pixel_values`` repeated G times: each prompt, image included, goes through the model G times.
-    The fast path (default, ``_logps_sharing_the_prompt``) runs the B prompts once and the B*G
-    completions on top of their KV cache, with or without gradient checkpointing (grpo_min/recompute.py).
-    Both give the same numbers (tests compare log-probs and gradients, fp32, to 1e-5), and gradients
-    flow into the vision tower on both.
-    """
-    if encode_image_once:
-        return _logps_sharing_the_prompt(model, prompts, completion_ids, completion_mask, group_size=group_size,
-                                         temperature=temperature, never_ids=never_ids, entropies=entropies)
-    inputs = prompts.inputs
-    rep = lambda t: t.repeat_interleave(group_size, dim=0)
-    T = completion_ids.shape[1]
-    input_ids = torch.cat([rep(inputs["input_ids"]), completion_ids], dim=1)  # (B*G, P+T)
-    attention_mask = torch.cat([rep(inputs["attention_mask"]), completion_mask.long()], dim=1)  # (B*G, P+T)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, image_grid_thw=rep(inputs["image_grid_thw"]),
-                  logits_to_keep=T + 1, use_cache=False)
-    if "mm_token_type_ids" in inputs:  # without it M-RoPE silently falls back to 1-D positions
-        kwargs["mm_token_type_ids"] = torch.cat(
-            [rep(inputs["mm_token_type_ids"]), torch.zeros_like(completion_ids)], dim=1)  # (B*G, P+T)
-    counts = (inputs["image_grid_thw"].prod(-1)).tolist()  # patches per image
-    per_image = torch.split(inputs["pixel_values"], counts)
-    kwargs["pixel_values"] = torch.cat([p for p in per_image for _ in range(group_size)])
-    logits = model(**kwargs).logits[:, :-1, :]  # (B*G, T, V): position t predicts completion token t
-    return token_logps(logits, completion_ids, temperature, never_ids, entropies=entropies)
-
-
-def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch.Tensor,
-                              completion_mask: torch.Tensor, *, group_size: int, temperature: float,
-                              never_ids: list[int] | None, entropies: bool = False):
-    """``completion_logps``'s fast path: each prompt goes through the model once, not G times.
-
-    The G completions of a group share their prompt. Step 1 runs the B prompts alone (vision tower
+    grpo_min/core.py's ``completion_logps`` is the plain version: B*G whole rows, each prompt and image G
+    times. Both give the same numbers (tests compare log-probs and gradients, fp32, to 1e-5), and
+    gradients flow into the vision tower on both. The G completions of a group share their prompt. Step 1 runs the B prompts alone (vision tower
     included) and repeats their KV cache G times (``_prompt_pass``, as sampling does); step 2 runs
     only the B*G completions on top of it. The tokens the model processes drop from
     G * (P + T) to P + G * T per group (docs/PERFORMANCE.md: a 346-token prompt with a 448 px image,
@@ -295,8 +266,8 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
     if T == 1:  # step 2 must run anyway: DDP syncs gradients and FSDP gathers weights in the wrapper's call, on
         # every rank alike. Score one masked copy of the token after it, and keep the first column.
         twice, mask = completion_ids.repeat(1, 2), torch.cat([completion_mask, torch.zeros_like(completion_mask)], 1)
-        scored = _logps_sharing_the_prompt(model, prompts, twice, mask, group_size=G, temperature=temperature,
-                                           never_ids=never_ids, entropies=entropies)
+        scored = completion_logps(model, prompts, twice, mask, group_size=G, temperature=temperature,
+                                  never_ids=never_ids, entropies=entropies)
         return tuple(t[:, :1] for t in scored) if entropies else scored[:, :1]
     with recompute.layers_keep_the_cache(inner):
         # 1. The B prompts, once; the last prompt position predicts completion token 0. first: (B*G, V);
@@ -313,8 +284,6 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
                      **{_cache_argument(inner): recompute.PrefixCache(prompt_cache)}).logits  # (B*G, T-1, V)
     logits = torch.cat([first[:, None], rest], dim=1)  # (B*G, T, V): position t predicts completion token t
     return token_logps(logits, completion_ids, temperature, never_ids, entropies=entropies)
-
-
 
 
 def _cache_argument(model) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import resource
 import statistics
@@ -43,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rewards as R  # noqa: E402
 import train  # noqa: E402
+from grpo_min import core  # noqa: E402
 from grpo_min.metrics import PhaseTimer  # noqa: E402
 from grpo_min.models import load_policy, load_reference, prepare_policy, resolve_dtype  # noqa: E402
 from grpo_min.optim import make_optimizer  # noqa: E402
 from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts  # noqa: E402
-from grpo_min.rollout import completion_logps  # noqa: E402
 from grpo_min.sample import Sample  # noqa: E402
 from grpo_min.tiny import MODEL_CONFIGS, build_processor, random_model  # noqa: E402
 
@@ -128,8 +127,8 @@ def parse_args(argv=None):
                    "fine-tuning)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="as train.py's --gradient-checkpointing")
     p.add_argument("--no-image-once", action="store_true",
-                   help="score on the plain path: every completion row carries its prompt and image, so both go "
-                        "through the model G times (measures the fast path of completion_logps)")
+                   help="score on the plain path (grpo_min/core.py's): every completion row carries its prompt and "
+                        "image, so both go through the model G times (measures the fast path of completion_logps)")
     args = p.parse_args(argv)
     if args.model is None and args.model_config is None:
         args.model_config = "tiny"
@@ -152,7 +151,8 @@ def main(argv=None):
     optimizer, scheduler = make_optimizer(policy.parameters(), lr=args.learning_rate,
                                           fused=args.optim == "adamw_torch_fused", total_steps=args.steps)
     if args.no_image_once:  # the patch point any ablation uses: train.py's module-level names
-        train.completion_logps = functools.partial(completion_logps, encode_image_once=False)
+        train.completion_logps = lambda model, prompts, ids, mask, *, group_size, temperature, never_ids, **_: \
+            core.completion_logps(model, prompts, ids, group_size, temperature, never_ids)
     box = (S // 4, S // 4, S // 2, S // 2)  # any box: the reward's cost does not depend on it
     samples = [Sample(id=f"bench-{i}", image=synthetic_image(S, args.seed + i), text=PHRASES[0],  # one text, as
                       box=box, width=S, height=S) for i in range(args.batch_size)]  # scripts/trl_driver.py

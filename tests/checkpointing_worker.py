@@ -19,15 +19,16 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 from grpo_min import dist, lora, tiny  # noqa: E402
-from grpo_min.prompts import CHAIN_OF_BOX  # noqa: E402
-from grpo_min.rollout import completion_logps, encode_prompts  # noqa: E402
+from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts  # noqa: E402
+from grpo_min.rollout import completion_logps  # noqa: E402
+from tests.fixtures import plain_logps  # noqa: E402
 
 G, T = 2, 6
 
 
-def gradients(model, prompts, ids, mask, **kw) -> dict[str, torch.Tensor]:
+def gradients(model, prompts, ids, mask, score=completion_logps) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    logps = completion_logps(model, prompts, ids, mask, group_size=G, **kw)  # (G, T)
+    logps = score(model, prompts, ids, mask, group_size=G)  # (G, T)
     ((logps * mask).sum() / mask.sum()).backward()
     grads = {}
     for name, p in dist.unwrap(model).named_parameters():
@@ -56,7 +57,7 @@ def main():
                 for layer in lora.lora_layers(model).values():
                     torch.nn.init.normal_(layer.lora_B.weight, std=0.05, generator=torch.Generator().manual_seed(1))
             model = dist.wrap(model.train(), fsdp=kind == "fsdp")
-            plain = gradients(model, prompts, ids, mask, encode_image_once=False)
+            plain = gradients(model, prompts, ids, mask, score=plain_logps)
             dist.unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             checkpointed = gradients(model, prompts, ids, mask)
             assert plain.keys() == checkpointed.keys() and plain

@@ -276,3 +276,12 @@ def qwen2_vl_folder(path: Path, shipped_pixel_limits: bool = False) -> Path:
     Qwen2VLForConditionalGeneration(config).save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def plain_logps(model, prompts, completion_ids, completion_mask=None, *, group_size, temperature=1.0, never_ids=None):
+    """The scoring oracle: grpo_min/core.py's plain forward (each row carries its whole prompt and image), in
+    rollout.completion_logps's signature. Positions after a completion's EOS differ (core attends to them);
+    compare log-probs under the completion mask."""
+    from grpo_min import core
+
+    return core.completion_logps(model, prompts, completion_ids, group_size, temperature, never_ids or ())

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import data
-from grpo_min import rollout as rollout_module
 from grpo_min import tiny
 from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts, special_token_ids
 from grpo_min.rollout import completion_logps, generate_completions
+from tests.fixtures import plain_logps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,22 +67,16 @@ def test_fast_paths_give_the_plain_paths_logps_and_gradients(lora_r, monkeypatch
     rollout = generate_completions(model, processor, prompts, num_generations=3, max_new_tokens=12)
     never = special_token_ids(processor)["never"]
     model.train()
-    shared_calls = []  # which path ran: count the calls of the prompt-sharing one
-    real = rollout_module._logps_sharing_the_prompt
-    monkeypatch.setattr(rollout_module, "_logps_sharing_the_prompt",
-                        lambda *a, **k: shared_calls.append(1) or real(*a, **k))
 
-    def logps_and_grads(**kw):
+    def logps_and_grads(score=completion_logps):
         model.zero_grad(set_to_none=True)
-        logps = completion_logps(model, prompts, rollout.completion_ids, rollout.completion_mask, group_size=3,
-                                 temperature=0.7, never_ids=never, **kw)
+        logps = score(model, prompts, rollout.completion_ids, rollout.completion_mask, group_size=3, temperature=0.7,
+                      never_ids=never) * rollout.completion_mask
         (logps * rollout.completion_mask).sum().backward()
         return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    plain, plain_grads = logps_and_grads(encode_image_once=False)
-    assert not shared_calls
+    plain, plain_grads = logps_and_grads(plain_logps)
     shared, shared_grads = logps_and_grads()
-    assert len(shared_calls) == 1
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
@@ -127,7 +121,7 @@ def test_one_token_completions_still_go_through_the_wrapper():
         wrapped.calls = 0
         fast = completion_logps(wrapped, prompts, ids, mask, group_size=2)
         assert wrapped.calls == 1 and fast.shape == (2, T)
-        plain = completion_logps(model, prompts, ids, mask, group_size=2, encode_image_once=False)
+        plain = plain_logps(model, prompts, ids, mask, group_size=2)
         torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
 
 

@@ -5,8 +5,9 @@ import torch
 
 import data
 from grpo_min import lora, tiny
-from grpo_min.prompts import CHAIN_OF_BOX
-from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids
+from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts, special_token_ids
+from grpo_min.rollout import completion_logps, generate_completions
+from tests.fixtures import plain_logps
 
 G = 3
 
@@ -30,9 +31,12 @@ def model_and_rollout(lora_r: int):
     return model.train(), prompts, rollout, special_token_ids(processor)["never"]
 
 
-def score(model, prompts, rollout, never, **kw):
-    return completion_logps(model, prompts, rollout.completion_ids, rollout.completion_mask, group_size=G,
-                            temperature=0.7, never_ids=never, **kw)  # (B*G, T)
+def score(model, prompts, rollout, never, oracle=False):
+    """Log-probs (B*G, T) under the completion mask: the trainer's scoring, or (oracle) grpo_min/core.py's."""
+    logps = (plain_logps if oracle else completion_logps)(model, prompts, rollout.completion_ids,
+                                                           rollout.completion_mask, group_size=G, temperature=0.7,
+                                                           never_ids=never)
+    return logps * rollout.completion_mask  # (B*G, T)
 
 
 def enable_checkpointing(model):
@@ -53,7 +57,7 @@ def test_checkpointed_scoring_shares_the_prompt_and_gives_the_plain_gradients(lo
         (logps * rollout.completion_mask).sum().backward()
         return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    plain, plain_grads = logps_and_grads(encode_image_once=False)  # B*G whole rows, nothing recomputed
+    plain, plain_grads = logps_and_grads(oracle=True)  # B*G whole rows, nothing recomputed
     enable_checkpointing(model)
     rows = []  # (rows, tokens, gradients on) of each call of a decoder layer's MLP
     # a pre-hook: torch stops a recomputation as soon as it has what the backward needs, before the MLP returns

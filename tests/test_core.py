@@ -15,6 +15,7 @@ from grpo_min import tiny
 from grpo_min.boxes import accuracy_at
 from grpo_min.prompts import CHAIN_OF_BOX, PLAIN, encode_prompts, load_template, render_question, special_token_ids
 from grpo_min.rollout import completion_logps, completion_mask_from_ids, generate_completions
+from tests.fixtures import plain_logps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +150,7 @@ def test_a_qwen2_vl_folder_loads_with_its_frame_and_scores_alike_on_every_path(t
     torch.manual_seed(0)
     out = generate_completions(model, processor, prompts, num_generations=3, max_new_tokens=6)
     kw = dict(group_size=3, never_ids=special_token_ids(processor)["never"])
-    plain = completion_logps(model, prompts, out.completion_ids, out.completion_mask, encode_image_once=False, **kw)
+    plain = plain_logps(model, prompts, out.completion_ids, out.completion_mask, **kw)
     fast = completion_logps(model, prompts, out.completion_ids, out.completion_mask, **kw)
     assert torch.allclose(fast * out.completion_mask, plain * out.completion_mask, atol=1e-5)
 
@@ -161,16 +162,16 @@ def test_completion_mask_covers_up_to_first_eos():
 
 
 def test_encoding_each_image_once_gives_the_same_logps(random_tiny):
-    """The fast path (vision tower once per prompt) equals the plain path (once per completion)."""
+    """The fast path (each prompt once per group) equals the plain path (grpo_min/core.py: once per completion)."""
     model, processor = random_tiny
     _, prompts = _prompts(processor, n=2)
     torch.manual_seed(0)
     out = generate_completions(model, processor, prompts, num_generations=3, max_new_tokens=16)
     args = (model, prompts, out.completion_ids, out.completion_mask)
-    fast = completion_logps(*args, group_size=3, temperature=0.7, encode_image_once=True)
-    plain = completion_logps(*args, group_size=3, temperature=0.7, encode_image_once=False)
+    fast = completion_logps(*args, group_size=3, temperature=0.7)
+    plain = plain_logps(*args, group_size=3, temperature=0.7)
     assert fast.shape == out.completion_ids.shape
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast * out.completion_mask, plain * out.completion_mask, atol=1e-5, rtol=0)
 
 
 def test_the_checkpoints_own_sampling_defaults_do_not_change_the_samples(random_tiny):
