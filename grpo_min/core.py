@@ -41,7 +41,9 @@ class Settings:
     num_iterations: int = 1  # mu: optimizer updates per batch of samples
     scale_rewards: str = "group"  # advantage scaling: "group", "batch" or "none" (Dr. GRPO)
     max_grad_norm: float = 1.0  # gradient clipping
-    loss: dict = field(default_factory=dict)  # the rest of grpo_loss's keywords: epsilon, loss_type, ...
+    # The rest of grpo_loss's keywords (epsilon, epsilon_high, loss_type, importance_sampling_level, ...): the
+    # loss variants reach the core here, except those that need token entropies (train.py computes them).
+    loss: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------- S2: sampling
