@@ -80,6 +80,7 @@ def parse_options(config_class, argv=None, description: str = ""):
     for f in fields(config_class):
         help = f.metadata["help"]
         help += "" if "default:" in help else f" (default: {f.default})"
+        help = help.replace("%", "%%")  # argparse formats help lines with %: a literal one must be doubled
         if f.type == "bool":
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, help=help)
             continue
