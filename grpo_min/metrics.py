@@ -129,10 +129,10 @@ class Reporter:
 
             id_file = out_dir / "wandb" / "run_id"
             id_file.parent.mkdir(parents=True, exist_ok=True)
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-            id_file.write_text(run_id + "\n")
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo_min"), name=out_dir.name,
-                                  dir=out_dir, id=run_id, resume="allow", config=config)
+                                  dir=out_dir, id=id_file.read_text().strip() if id_file.exists() else None,
+                                  resume="allow", config=config)
+            id_file.write_text(self.run.id + "\n")
 
     def log(self, record: dict):
         """One metrics.jsonl line: its numbers (booleans as 0 / 1) at its step."""
