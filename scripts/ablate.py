@@ -10,11 +10,12 @@ to every run, before the variant's own, so that a variant's option wins. Each ru
     train.py <common options> <variant options> --seed S --output-dir D/<variant>/seed-<S> --resume auto --overwrite
 
 with the same Python, ``--jobs`` at a time, each with cores / jobs threads (OMP_NUM_THREADS): run several at once
-for results, one at a time for timings. Runs go seed by seed, so an unfinished ablation has every variant on its
-first seeds. A run whose summary.json is complete is not run again: started again, an interrupted ablation
-continues where it stopped (an unfinished run resumes from its last checkpoint, e.g. the one Ctrl-C saves, or
-starts over). A run that fails is reported (exit code, the end of its train.log) and the others go on; the exit
-code is then 1. In D it writes:
+for results, one at a time for timings. Runs go variant by variant, the first variant's first: with the tiny
+demo model, each seed's warm start is then built once, by the first variant's run of that seed (seed by seed,
+two runs would build the same model at once). A run whose summary.json is complete is not run again: started
+again, an interrupted ablation continues where it stopped (an unfinished run resumes from its last checkpoint,
+e.g. the one Ctrl-C makes train.py save, or starts over). A run that fails is reported (exit code, the end of its
+train.log) and the others go on; the exit code is then 1. In D it writes:
 
 * ablation.json: per variant and seed, test Acc@0.5 and mIoU before and after GRPO and the run's folder; per
   variant, n, mean and 95% confidence interval of the gains (after - before); per variant, the paired difference
@@ -171,10 +172,10 @@ class Run:
 
 
 def plan_runs(variants: list[tuple[str, list[str]]], seeds: list[int], common: list[str], out: Path) -> list[Run]:
-    """Every variant x seed, seed by seed; refuses a folder that holds a run of other options."""
+    """Every variant x seed, variant by variant; refuses a folder that holds a run of other options."""
     runs = [Run(name, seed, out / name / f"seed-{seed}", [*common, *options, "--seed", str(seed),
                                                             "--output-dir", str(out / name / f"seed-{seed}")])
-            for seed in seeds for name, options in variants]
+            for name, options in variants for seed in seeds]
     changed = [r for r in runs if (r.folder / "command.json").exists()
                and json.loads((r.folder / "command.json").read_text())["train_args"] != r.args]
     if changed:

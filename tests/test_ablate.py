@@ -121,6 +121,22 @@ def test_tensorboard_events_hold_every_metrics_line(tiny_model_dir, tmp_path):
     assert "eval/acc@0.5" in numbers(lines[-1]) and len(lines) == 2
 
 
+def test_a_resumed_run_hides_the_tensorboard_events_logged_after_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (requirements-dev.txt installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from grpo_min.metrics import Reporter
+
+    for start, values in ((0, {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}), (2, {3: 30.0, 4: 40.0})):  # crashed, resumed at 2
+        reporter = Reporter("tensorboard", tmp_path, start, {})
+        for step, value in values.items():
+            reporter.log({"step": step, "reward": value, "skipped_update": False, "note": "text is left out"})
+        reporter.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert set(events.Tags()["scalars"]) == {"reward", "skipped_update"}
+
+
 def test_wandb_offline_run_holds_every_metrics_line(tiny_model_dir, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed (requirements-dev.txt installs it)")
     monkeypatch.setenv("WANDB_MODE", "offline")
