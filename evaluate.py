@@ -7,6 +7,7 @@ Six ways to run it (docs/METHOD.md, "Evaluation" defines every number):
     python evaluate.py --predictions medground_r1_mscxr_log.json --output-dir runs/released
     python evaluate.py --compare runs/a/metrics.json runs/b/metrics.json [--paper ms-cxr]
     python evaluate.py --plot-run runs/grpo
+    python scripts/ablate.py ...       (plot_variants: several runs' curves, mean and band per variant)
     python evaluate.py --model /ckpt/Qwen2.5-VL-3B-Instruct --image cxr.png --phrase "left pleural effusion"
 
 A model evaluation writes ``predictions.jsonl`` (one row per sample: id, phrase, category,
@@ -342,15 +343,23 @@ def draw_prediction(image: Image.Image, box: Box | None, phrase: str, path: str 
     return path
 
 
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def _draw_panel(draw, area, title: str, series: dict[str, list[tuple[float, float]]], font):
-    """One line plot inside ``area`` (left, top, right, bottom): axes, 5 ticks each way, a legend."""
+def _draw_panel(draw, area, title: str, series: dict[str, list[tuple[float, float]]], font,
+                bands: dict[str, list[tuple[float, float, float]]] | None = None):
+    """One line plot inside ``area`` (left, top, right, bottom): axes, 5 ticks each way, a legend.
+
+    ``bands``: per series, (x, low, high) points of a shaded band behind its curve (``draw`` must then be an
+    ``ImageDraw.Draw(image, "RGBA")``, so that bands show through each other).
+    """
     left, top, right, bottom = area[0] + 56, area[1] + 24, area[2] - 14, area[3] - 34  # the axes' box
     draw.text((left, area[1] + 5), title, fill="black", font=font)
     draw.rectangle([left, top, right, bottom], outline="black")
+    bands = bands or {}
     points = [p for pts in series.values() for p in pts]
+    points += [(x, y) for pts in bands.values() for x, low, high in pts for y in (low, high)]
     if not points:
         draw.text((left + 10, (top + bottom) // 2), "no data in metrics.jsonl", fill="gray", font=font)
         return
@@ -367,6 +376,11 @@ def _draw_panel(draw, area, title: str, series: dict[str, list[tuple[float, floa
         draw.line([left - 4, sy(yv), left, sy(yv)], fill="black")
         draw.text((area[0] + 2, sy(yv) - 7), f"{yv:.3g}", fill="black", font=font)
     draw.text(((left + right) // 2 - 12, bottom + 20), "step", fill="black", font=font)
+    for k, name in enumerate(series):  # the bands first, so that no band covers a curve
+        band = bands.get(name, [])
+        if len(band) > 1:
+            draw.polygon([(sx(x), sy(high)) for x, _, high in band] + [(sx(x), sy(low)) for x, low, _ in band[::-1]],
+                         fill=PALETTE[k % len(PALETTE)] + (50,))
     for k, (name, pts) in enumerate(series.items()):
         colour, xy = PALETTE[k % len(PALETTE)], [(sx(x), sy(y)) for x, y in pts]
         if len(xy) > 1:
@@ -381,14 +395,22 @@ def _draw_panel(draw, area, title: str, series: dict[str, list[tuple[float, floa
         draw.text((right - 125, y - 7), name, fill="black", font=font)
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``RUN_DIR/metrics.jsonl``."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def metric_series(records: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of ``key``, sorted by step; a resumed run's repeated steps keep the last value."""
+    by_step = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float)) and "step" in r}
+    return sorted(by_step.items())
+
+
 def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
     """Training curves from ``RUN_DIR/metrics.jsonl`` in one PNG (3 x 2 panels, 1440 x 640)."""
     run_dir = Path(run_dir)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-    def series(key):  # (step, value) sorted by step; a resumed run's repeated steps keep the last value
-        by_step = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float)) and "step" in r}
-        return sorted(by_step.items())
+    records = read_metrics(run_dir)
+    series = lambda key: metric_series(records, key)  # noqa: E731
 
     reward_keys = ["reward"] + sorted({k for r in records for k in r if k.startswith("reward/")})
     panels = [("reward by component (mean per completion)", {k: series(k) for k in reward_keys}),
@@ -410,6 +432,47 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
         x, y = (k % 3) * 480, (k // 3) * 320
         _draw_panel(draw, (x, y, x + 480, y + 320), title, {n: s for n, s in data.items() if s}, font)
     path = Path(path) if path is not None else run_dir / "curves.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def plot_variants(runs: dict[str, list[str | Path]], path: str | Path, bins: int = 40) -> Path:
+    """An ablation's curves in one PNG (2 panels, 1440 x 560): the training reward and the val Acc@0.5 against
+    the step, per variant the mean over its runs (seeds) and a band from their lowest to their highest value.
+
+    ``runs``: variant name -> its run folders (each with a metrics.jsonl). The reward, one noisy number per step,
+    is first averaged per run over windows of last_step / ``bins`` steps.
+    """
+    def spread(per_run: list[list[tuple[float, float]]]):  # -> (mean curve, band): over the runs that have a step
+        at = {}
+        for pts in per_run:
+            for x, y in pts:
+                at.setdefault(x, []).append(y)
+        xs = sorted(at)
+        return [(x, sum(at[x]) / len(at[x])) for x in xs], [(x, min(at[x]), max(at[x])) for x in xs]
+
+    def windowed(pts, width):  # the mean of each window of `width` steps, at the window's last step
+        out = {}
+        for x, y in pts:
+            out.setdefault(math.ceil(x / width), []).append((x, y))
+        return [(max(x for x, _ in w), sum(y for _, y in w) / len(w)) for _, w in sorted(out.items())]
+
+    records = {name: [read_metrics(d) for d in dirs] for name, dirs in runs.items()}
+    last = max([r["step"] for recs in records.values() for rs in recs for r in rs if "step" in r] + [1])
+    width = max(1, last // bins)
+    panels = [(f"training reward (mean per {width} steps; line: mean over seeds, band: lowest to highest)",
+               {name: [windowed(metric_series(rs, "reward"), width) for rs in recs] for name, recs in records.items()}),
+              ("val Acc@0.5 (%; line: mean over seeds, band: lowest to highest)",
+               {name: [metric_series(rs, "eval/acc@0.5") for rs in recs] for name, recs in records.items()})]
+    canvas = Image.new("RGB", (1440, 560), "white")
+    draw, font = ImageDraw.Draw(canvas, "RGBA"), ImageFont.load_default(size=12)
+    for k, (title, per_variant) in enumerate(panels):
+        curves = {name: spread(per_run) for name, per_run in per_variant.items()}
+        # every variant keeps its colour in both panels, even one without curves (no GRPO: no steps)
+        _draw_panel(draw, (k * 720, 0, k * 720 + 720, 560), title, {n: c[0] for n, c in curves.items()}, font,
+                    bands={n: c[1] for n, c in curves.items()})
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path

@@ -31,7 +31,8 @@ from grpo_min.cli import banner, parse_options
 from grpo_min.lora import adapters_off
 from grpo_min.loss import (AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALES, TOKEN_SUM_LOSS_TYPES,
                            group_advantages, grpo_loss, needs_entropies)
-from grpo_min.metrics import PhaseTimer, add_stats, rollout_record, run_checks, update_record
+from grpo_min.metrics import (REPORT_TO, PhaseTimer, add_stats, check_report_to, rollout_record, run_checks,
+                              update_record)
 from grpo_min.models import compute_precision, load_policy, load_reference, resolve_dtype, resolve_model_path
 from grpo_min.optim import clipped_step, make_optimizer
 from grpo_min.prompts import encode_prompts, load_template, special_token_ids
@@ -106,7 +107,8 @@ class Config:
     warmup_steps: int = opt(0, "linear warm-up steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
-    max_steps: int | None = opt(None, "optimizer updates to run (overrides --num-train-epochs)")
+    max_steps: int | None = opt(None, "optimizer updates to run (overrides --num-train-epochs; 0: no GRPO, the "
+                                "starting model evaluated, as an ablation's baseline)")
     num_train_epochs: float = opt(2.0, "passes over the training prompts, when --max-steps is not given")
     # --- checkpoints, resume, faults ---
     save_steps: int = opt(0, "write checkpoint-<step> every N steps (0: only on preemption)")
@@ -133,6 +135,9 @@ class Config:
     eval_steps: int = opt(100, "evaluate on the val split every N steps (0: never)")
     eval_limit: int | None = opt(None, "evaluate on at most N val/test samples")
     eval_batch_size: int = opt(32, "prompts per generate call when evaluating")
+    report_to: str = opt("none", "also send every metrics.jsonl value to TensorBoard (event files in "
+                         "<output-dir>/tensorboard) or W&B (<output-dir>/wandb); needs that package, which "
+                         "requirements.txt does not install", choices=REPORT_TO)
     dtype: str = opt("auto", "compute precision: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16; trained "
                      "weights and optimizer state stay float32 (mixed precision); a LoRA base is stored in it",
                      choices=("auto", "float32", "bfloat16"))
@@ -288,7 +293,8 @@ def train(cfg: Config, preemption: Preemption):
     out = Path(cfg.output_dir)
     try:
         template = load_template(cfg.template)
-    except (FileNotFoundError, ValueError) as e:
+        check_report_to(cfg.report_to)  # a missing package is named now, not after the first evaluation
+    except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:  # the last: --report-to's package
         raise SystemExit(f"error: {e}")
     resume_path = find_resume_path(cfg.resume, out) if cfg.resume else None
     resume_state = check_checkpoint(resume_path) if resume_path is not None else None  # its trainer_state.json
@@ -334,8 +340,8 @@ def train(cfg: Config, preemption: Preemption):
     if resume_state is not None:
         origin = (resume_state["step"], resume_state.get("data_position", resume_state["step"] * per_rollout))
     # By epochs: the prompts left to see, in rollouts of this run's size (which may differ from the checkpoint's).
-    total_steps = cfg.max_steps or origin[0] + mu * math.ceil((cfg.num_train_epochs * len(train_set) - origin[1])
-                                                              / per_rollout)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else origin[0] + mu * math.ceil(
+        (cfg.num_train_epochs * len(train_set) - origin[1]) / per_rollout)
     policy = dist.wrap(policy, fsdp=cfg.fsdp)
     reference = dist.wrap(reference, fsdp=True) if reference is not None and cfg.fsdp else reference
     dist.print0(banner(cfg, model_path=model_path, policy=policy, frame=frame, splits=(train_set, val_set, test_set),
@@ -367,7 +373,7 @@ def train(cfg: Config, preemption: Preemption):
         # sampling must not depend on whether the model came from the cache. A resumed run instead
         # continues from the generator state saved in its checkpoint.
         torch.manual_seed(cfg.seed + dist.rank())
-    log = MetricsLog(out, step)
+    log = MetricsLog(out, step, report_to=cfg.report_to, config=asdict(cfg))
     checkpoint = lambda: save_checkpoint(  # noqa: E731
         out, step, policy, processor, optimizer, scheduler,
         {"config": asdict(cfg), "before": before, "data_position": data_position(step, cfg, origin)},
@@ -394,10 +400,12 @@ def train(cfg: Config, preemption: Preemption):
             dist.print0(f"Stopping: {bad_steps} updates in a row had a non-finite loss or gradient norm (none was "
                         f"applied). The last good checkpoint in {out} is intact; lower --learning-rate or check "
                         "the data, then --resume auto.")
+            log.close()
             dist.cleanup()
             return 1
         if preemption.any_rank(device):
             dist.print0(f"Preempted: saved {checkpoint()}. Resume with the same command plus --resume auto.")
+            log.close()
             dist.cleanup()
             return 0
         if crossed(cfg.save_steps):
@@ -405,6 +413,7 @@ def train(cfg: Config, preemption: Preemption):
 
     # ------------------------------------------------------------------ the end: test numbers, final model
     preemption.training = False
+    log.close()
     after = metrics_of(evaluate(test_set))
     save_model(out / "final", policy, processor, base_model=model_path, merge=cfg.merge_lora)
     if dist.is_main():

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from grpo_min import dist, lora
+from grpo_min.metrics import Reporter
 from grpo_min.models import load_model
 
 MARKER = "COMPLETE"
@@ -138,7 +139,7 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-RUN_OUTPUTS = ("final", "summary.json", "metrics.jsonl", "completions")  # besides checkpoint-* folders
+RUN_OUTPUTS = ("final", "summary.json", "metrics.jsonl", "completions", "tensorboard", "wandb")  # and checkpoint-*
 
 
 def check_output_dir(out_dir: Path, resume_path: Path | None, resume_step: int | None = None,
@@ -284,24 +285,36 @@ class Preemption:
 
 
 class MetricsLog:
-    """``<output-dir>/metrics.jsonl``, one JSON line per step, written by rank 0.
+    """``<output-dir>/metrics.jsonl``, one JSON line per step, written by rank 0; with ``report_to``
+    (tensorboard, wandb) every line also goes there (``metrics.Reporter``). ``close()`` at the end of the run.
 
     A resumed run first drops the lines logged after its checkpoint (the steps it is about to redo); a
     line cut off by a crash counts as after any checkpoint.
     """
 
-    def __init__(self, out_dir: Path, start_step: int):
-        self.file = None
+    def __init__(self, out_dir: Path, start_step: int, report_to: str = "none", config: dict | None = None):
+        self.file, self.reporter = None, None
         if dist.is_main():
             path = Path(out_dir) / "metrics.jsonl"
             lines = path.read_text().splitlines() if path.exists() else []
             path.write_text("".join(line + "\n" for line in lines if _logged_step(line) <= start_step))
             self.file = open(path, "a")
+            if report_to != "none":
+                self.reporter = Reporter(report_to, out_dir, start_step, config or {})
 
     def write(self, record: dict):
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.reporter:
+            self.reporter.log(record)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.reporter:
+            self.reporter.close()
+        self.file, self.reporter = None, None
 
 
 def _logged_step(line: str) -> float:

@@ -38,7 +38,7 @@ LIMITS = {
     "beta": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE,
     "semantic_weight": _NON_NEGATIVE,
     "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
-    "max_steps": (lambda v: v >= 1, "at least 1 (leave it out to train --num-train-epochs)"),
+    "max_steps": (lambda v: v >= 0, "0 (no GRPO) or more (leave it out to train --num-train-epochs)"),
     "save_steps": (lambda v: v >= 0, "0 (only on preemption) or more"),
     "save_total_limit": (lambda v: v >= 0, "0 (keep all) or more"),
     "eval_steps": (lambda v: v >= 0, "0 (never) or more"),

@@ -1,13 +1,17 @@
-"""The numbers a step logs: this rank's sums reduced over all ranks into means, and phase timings.
+"""The numbers a step logs: this rank's sums reduced over all ranks into means, phase timings, and where they
+go besides metrics.jsonl (--report-to: TensorBoard or W&B).
 
 Infrastructure, off the reading path: ``grpo_step`` hands over what it computed; the keys and their meaning
 are README's "Reading a metrics line".
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -105,3 +109,59 @@ class PhaseTimer:
     def sampling(self) -> float:
         """Seconds spent producing and scoring the completions (``generate_s`` in metrics.jsonl)."""
         return self.seconds["encode"] + self.seconds["generate"] + self.seconds["rewards"]
+
+
+REPORT_TO = ("none", "tensorboard", "wandb")  # --report-to, TRL's names; each needs the package of that name
+
+
+def check_report_to(kind: str):
+    """Raise ModuleNotFoundError, naming the package, when the one --report-to needs is not installed (train.py
+    calls this before any model loads)."""
+    if kind != "none" and importlib.util.find_spec(kind) is None:
+        raise ModuleNotFoundError(f"--report-to {kind} needs the '{kind}' package, which grpo_min does not install: "
+                                  f"pip install {kind}", name=kind)
+
+
+class Reporter:
+    """Every number of a metrics.jsonl line, also sent to TensorBoard or W&B (rank 0 only, as the file).
+
+    The package is imported here, when asked for, never by grpo_min otherwise. TensorBoard: event files in
+    ``<output-dir>/tensorboard`` (``tensorboard --logdir <output-dir>``); a resumed run hides the events logged
+    after its checkpoint, as metrics.jsonl drops those lines. W&B: a run named after the output folder, in
+    project $WANDB_PROJECT (default grpo_min), its files in ``<output-dir>/wandb``; a resumed run continues the
+    same W&B run (its id is kept there), and W&B's own variables apply (WANDB_MODE=offline, WANDB_ENTITY).
+    """
+
+    def __init__(self, kind: str, out_dir: Path, start_step: int, config: dict):
+        if kind not in REPORT_TO[1:]:
+            raise ValueError(f"report_to {kind!r}: expected one of {', '.join(REPORT_TO[1:])}")
+        check_report_to(kind)
+        self.kind, out_dir = kind, Path(out_dir)
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events from an interrupted run's steps after the checkpoint are dropped from view
+            self.writer = SummaryWriter(out_dir / "tensorboard", purge_step=start_step + 1 if start_step else None)
+        elif kind == "wandb":
+            import wandb
+
+            id_file = out_dir / "wandb" / "run_id"
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo_min"), name=out_dir.name,
+                                  dir=out_dir, id=id_file.read_text().strip() if id_file.exists() else None,
+                                  resume="allow", config=config)
+            id_file.write_text(self.run.id + "\n")
+
+    def log(self, record: dict):
+        """One metrics.jsonl line: its numbers (booleans as 0 / 1) at its step."""
+        step = record["step"]
+        values = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.kind == "tensorboard":
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()  # a crash loses no line that metrics.jsonl holds
+        else:
+            self.run.log(values, step=step)
+
+    def close(self):
+        self.writer.close() if self.kind == "tensorboard" else self.run.finish()

@@ -1,4 +1,5 @@
 """Scale-out and resume: DDP on 2 CPU ranks (gloo), exact resume, SIGTERM, bad checkpoints, NaN steps."""
+import importlib.util
 import json
 import os
 import shutil
@@ -252,6 +253,8 @@ def test_sigterm_saves_and_resumes_to_the_same_result(kind, straight_run, tiny_m
     """SIGTERM mid-run (to every process, as SLURM does): a checkpoint at the end of the current step on
     every rank, exit 0 with the resume command; resuming gives the uninterrupted run's weights."""
     (nproc, extra), uninterrupted = KINDS[kind], straight_run(kind)
+    if kind == "2" and importlib.util.find_spec("tensorboard"):  # and rank 0 alone reports, through the preemption
+        extra = (*extra, "--report-to", "tensorboard")
     out = tmp_path / "preempted"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -273,6 +276,13 @@ def test_sigterm_saves_and_resumes_to_the_same_result(kind, straight_run, tiny_m
     run(small_run(tiny_model_dir, out, "--max-steps", "4", "--resume", "auto", *extra), nproc=nproc)
     assert max_diff(weights(uninterrupted / "final"), weights(out / "final")) == 0.0
     assert [l["step"] for l in metrics(out)] == [1, 2, 3, 4]
+    if "--report-to" in extra:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per launch: rank 0's
+        events = EventAccumulator(str(out / "tensorboard")).Reload()
+        assert [(e.step, e.value) for e in events.Scalars("reward")] == pytest.approx(
+            [(l["step"], l["reward"]) for l in metrics(out)], rel=1e-6)
 
 
 def test_corrupt_or_half_written_checkpoints_are_refused(straight1, tiny_model_dir, tmp_path):
