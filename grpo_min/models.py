@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
 
 from grpo_min import lora
+from grpo_min.files import InputError, read_json_object
 from grpo_min.lora import is_adapter_folder
 
 # The box frame a model family reads and writes (docs/METHOD.md, "Box coordinate frames").
@@ -34,17 +34,17 @@ def resolve_model_path(model: str, seed: int = 0) -> Path:
         base = adapter_base(path)
         try:
             resolve_model_path(base)
-        except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"--model {model!r} is a LoRA adapter for base_model_name_or_path {base!r}, which does not "
-                          f"load here (edit that entry of its adapter_config.json to point at a local folder): {e}")
+        except InputError as e:
+            raise InputError(f"--model {model!r} is a LoRA adapter for base_model_name_or_path {base!r}, which does not "
+                             f"load here (edit that entry of its adapter_config.json to point at a local folder): {e}")
         return path
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise InputError(
             f"--model {model!r}: expected a local model folder with config.json (e.g. a download of "
             "Qwen/Qwen2.5-VL-3B-Instruct, or a checkpoint written by this trainer), or 'tiny'")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = read_json_object(path / "config.json").get("model_type")
     if model_type not in BOX_FRAMES:  # checked before any weights load
-        raise ValueError(f"--model {model!r}: model type {model_type!r} is not supported; expected one of "
+        raise InputError(f"--model {model!r}: model type {model_type!r} is not supported; expected one of "
                          f"{sorted(BOX_FRAMES)} (their box frames are known)")
     return path
 
@@ -73,7 +73,11 @@ def compute_precision(device: torch.device, dtype: torch.dtype):
 
 def adapter_base(path) -> str:
     """The base model an adapter folder was trained on (its adapter_config.json's base_model_name_or_path)."""
-    return json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    file = Path(path) / "adapter_config.json"
+    base = read_json_object(file).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise InputError(f"{file}: no base_model_name_or_path (expected the folder of the model it adapts)")
+    return base
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -89,6 +93,31 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     ``max_pixels=None`` keeps the processor's own limit but caps it at ``DEFAULT_MAX_PIXELS``: Qwen's
     saved 12.8 M-pixel cap would turn a native chest X-ray into ~9,900 visual tokens per completion.
     """
+    try:
+        model, processor = _load(path, dtype, trust_remote_code, merge_adapter)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        # missing or truncated weights, missing processor files, a config of the wrong shape: one line naming it
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {detail[:300]})") from e
+    size = dict(processor.image_processor.size)
+    if min_pixels is not None:
+        size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        size["longest_edge"] = max_pixels
+    elif size.get("longest_edge", 0) > DEFAULT_MAX_PIXELS:
+        size["longest_edge"] = DEFAULT_MAX_PIXELS
+    processor.image_processor.size = size
+    model_type = model.config.model_type
+    if model_type not in BOX_FRAMES:
+        raise InputError(f"{path}: model type {model_type!r} is not supported; expected one of "
+                         f"{sorted(BOX_FRAMES)} (their box frames are known)")
+    return model.to(device), processor, BOX_FRAMES[model_type]
+
+
+def _load(path, dtype, trust_remote_code, merge_adapter):
+    """(model, processor) of ``load_model``, before the processor's image size and the family are checked."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if is_adapter_folder(path):
@@ -103,19 +132,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
     else:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    size = dict(processor.image_processor.size)
-    if min_pixels is not None:
-        size["shortest_edge"] = min_pixels
-    if max_pixels is not None:
-        size["longest_edge"] = max_pixels
-    elif size.get("longest_edge", 0) > DEFAULT_MAX_PIXELS:
-        size["longest_edge"] = DEFAULT_MAX_PIXELS
-    processor.image_processor.size = size
-    model_type = model.config.model_type
-    if model_type not in BOX_FRAMES:
-        raise ValueError(f"{path}: model type {model_type!r} is not supported; expected one of "
-                         f"{sorted(BOX_FRAMES)} (their box frames are known)")
-    return model.to(device), processor, BOX_FRAMES[model_type]
+    return model, processor
 
 
 def load_reference(path: str | Path, *, dtype: torch.dtype, device) -> torch.nn.Module:
@@ -135,7 +152,7 @@ def load_policy(model_path: str | Path, cfg, device, resume_path: str | Path | N
     adapters when resuming.
     """
     if resume_path is not None and is_adapter_folder(resume_path) != (cfg.lora_r > 0):
-        raise ValueError(f"{resume_path} was written by a {'LoRA' if is_adapter_folder(resume_path) else 'full'} "
+        raise InputError(f"{resume_path} was written by a {'LoRA' if is_adapter_folder(resume_path) else 'full'} "
                          f"fine-tuning run: resume it with the same --lora-r as that run (its config.json says)")
     dtype = resolve_dtype(cfg.dtype, torch.device(device)) if cfg.lora_r else torch.float32
     source = resume_path if resume_path is not None and not cfg.lora_r else model_path

@@ -426,7 +426,7 @@ def test_rewards_never_raise_and_count_failures():
 
 
 @pytest.mark.parametrize("option, value, expected", [
-    ("--max-grad-norm", "-1", "0 (no clipping) or more"), ("--epsilon", "-0.1", "a positive number"),
+    ("--max-grad-norm", "-1", "0 (no clipping) or more"), ("--epsilon", "-0.1", "above 0 and below 1"),
     ("--num-generations", "1", "at least 2"), ("--max-steps", "0", "at least 1"), ("--eval-steps", "-1", "0 (never)"),
     ("--batch-size", "0", "at least 1"), ("--temperature", "0", "a positive number"), ("--eval-limit", "0", "at least 1"),
     ("--lora-r", "-1", "0 (off: full fine-tuning) or more"), ("--lora-alpha", "0", "a positive number"),
