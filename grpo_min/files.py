@@ -76,8 +76,13 @@ def read_json_object(file: Path) -> dict:
 
 
 def check_output(out: str | Path, inputs: dict[str, str | Path | None], option: str = "--output-dir"):
-    """Refuse an output folder that is, or lies inside, a folder the run reads (``inputs``: option -> path;
-    None skipped), or that cannot be created or written. Raises InputError naming both paths."""
+    """Refuse an output folder that cannot be created or written, or that is a folder the run reads (``inputs``:
+    option -> path; None skipped) or lies inside a model folder it reads (one with config.json: a model, a
+    scorer, a checkpoint). Raises InputError naming both paths.
+
+    A folder beside the data, e.g. ``--data-root data --output-dir data/runs``, is allowed: the run adds a
+    folder of its own there and writes no file among the inputs.
+    """
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"{option} {out}: is a file, expected a folder")
@@ -86,9 +91,9 @@ def check_output(out: str | Path, inputs: dict[str, str | Path | None], option: 
         if path is None:
             continue
         source = Path(path).expanduser().resolve()
-        if source.is_dir() and (resolved == source or source in resolved.parents):
-            raise InputError(f"{option} {out} is inside {name} {path}, which this run reads: its outputs would be "
-                             "written over its inputs; choose another folder")
+        if source.is_dir() and (resolved == source or (source / "config.json").is_file() and source in resolved.parents):
+            raise InputError(f"{option} {out} is {'inside ' if resolved != source else ''}{name} {path}, which this run "
+                             "reads: its outputs would be written among its inputs; choose another folder")
     existing = next(p for p in (resolved, *resolved.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{option} {out}: {existing} is not a writable folder")
