@@ -1,0 +1,247 @@
+"""A run never damages its inputs, trains with the settings it prints, writes every file whole, and answers bad
+input with one clear line (never a traceback). Cheap: no training run here (tests/test_distributed.py resumes
+real runs); checkpoints are written from a random tiny model, and the garbage tests feed seeded random bytes,
+truncations, wrong JSON types and huge numbers to each loader."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line_error(stop) -> str:
+    """The message of a SystemExit that stops a command: one line starting with "error:"."""
+    message = str(stop.value.code if isinstance(stop.value, SystemExit) else stop.value)
+    assert "\n" not in message.strip() and "Traceback" not in message, message
+    return message
+
+
+# ================================================================================== 1. outputs apart from inputs
+def fake_model_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    return folder
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_train_never_writes_into_the_model_folder(tmp_path, where):
+    """`--model M --output-dir M` wrote the run's config.json over M's: the model no longer loaded."""
+    import train
+
+    model = fake_model_folder(tmp_path / "M")
+    before = (model / "config.json").read_text()
+    out = model if where == "same" else model / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", str(model), "--output-dir", str(out), "--max-steps", "1"])
+    message = one_line_error(stop)
+    assert str(out) in message and f"--model {model}" in message
+    assert (model / "config.json").read_text() == before and sorted(p.name for p in model.iterdir()) == ["config.json"]
+
+
+def test_every_entry_point_refuses_an_output_among_its_inputs_before_loading(tmp_path, monkeypatch):
+    import data
+    import evaluate
+    import train
+
+    model, root = fake_model_folder(tmp_path / "M"), tmp_path / "root"
+    root.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    loaded = lambda *a, **k: pytest.fail("loaded data before checking the output")  # noqa: E731
+    monkeypatch.setattr(train, "load_splits", loaded)
+    monkeypatch.setattr(evaluate, "usable_samples", loaded)
+    monkeypatch.setattr(data, "load_dataset", loaded)
+    cases = [  # (command, argv, what the one line names)
+        (train.main, ["--dataset", "jsonl", "--model", str(model), "--data-root", str(root), "--output-dir", str(root)],
+         "--data-root"),
+        (train.main, ["--model", str(model), "--image-root", str(root), "--output-dir", str(root)], "--image-root"),
+        (train.main, ["--model", str(model), "--output-dir", str(a_file)], "is a file"),
+        (train.main, ["--model", str(model), "--output-dir", str(a_file / "run")], "is not a writable folder"),
+        (train.main, ["--semantic-model", str(model), "--output-dir", str(model / "x")], "--semantic-model"),
+        (evaluate.main, ["--model", str(model), "--output-dir", str(model)], "--model"),
+        (evaluate.main, ["--dataset", "jsonl", "--data-root", str(root), "--output-dir", str(root)], "--data-root"),
+        (evaluate.main, ["--output-dir", str(a_file)], "is a file"),  # lost the whole evaluation before
+        (data.main, ["--dataset", "jsonl", "--data-root", str(root), "--export", str(root / "x.jsonl")],
+         "--data-root"),
+        (data.main, ["--dataset", "jsonl", "--data-root", str(a_file), "--export", str(a_file)], "would be written over"),
+    ]
+    for command, argv, named in cases:
+        with pytest.raises(SystemExit) as stop:
+            command(argv)
+        assert stop.value.code != 0
+        if command is not data.main:  # (data.py's argparse prints its usage line first)
+            assert named in one_line_error(stop), (argv, str(stop.value))
+    assert a_file.read_text() == "x" and sorted(p.name for p in root.iterdir()) == []
+
+
+# ================================================================================== 2. resume: the printed settings
+@pytest.fixture(scope="module")
+def tiny_parts():
+    from grpo_min import tiny
+
+    processor = tiny.build_processor()
+    return tiny.build_model(processor, seed=0), processor
+
+
+def optimizer_for(model, lr, weight_decay, schedule="constant", warmup=0, total=10):
+    from grpo_min.optim import make_optimizer
+
+    return make_optimizer(model.parameters(), lr=lr, weight_decay=weight_decay, fused=False, warmup_steps=warmup,
+                          total_steps=total, schedule=schedule)
+
+
+def write_checkpoint(out, step, model, processor, argv=(), updates=2, **optim):
+    """checkpoint-<step> after ``updates`` AdamW steps on made-up gradients, with a valid trainer state."""
+    import train
+    from grpo_min.checkpoint import save_checkpoint
+
+    optimizer, scheduler = optimizer_for(model, **{"lr": 1e-3, "weight_decay": 0.0, **optim})
+    for _ in range(updates):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3) if p.requires_grad else None
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    config = asdict(train.parse_config(["--model", "M", *argv]))
+    state = {"config": config, "before": {"acc@0.5": 10.0, "miou": 12.0}, "data_position": 2 * step}
+    return save_checkpoint(out, step, model, processor, optimizer, scheduler, state), optimizer
+
+
+def test_resume_trains_with_the_new_learning_rate_weight_decay_and_schedule(tiny_parts, tmp_path):
+    """The optimizer and scheduler restored from a checkpoint kept the old lr and weight decay, whatever the
+    options said: now only AdamW's moments and the schedule's position come from the checkpoint."""
+    from grpo_min.checkpoint import load_checkpoint
+    from grpo_min.optim import lr_factor
+
+    model, processor = tiny_parts
+    path, saved = write_checkpoint(tmp_path, 2, model, processor, lr=1e-3, weight_decay=0.0)
+    optimizer, scheduler = optimizer_for(model, lr=5e-3, weight_decay=0.1, schedule="cosine", warmup=1, total=10)
+    load_checkpoint(path, model, optimizer, scheduler)
+    expected = 5e-3 * lr_factor(2, 1, 10, "cosine")
+    assert [g["lr"] for g in optimizer.param_groups] == [expected, expected] == scheduler.get_last_lr()
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]  # (matrices only)
+    moments = lambda opt: [s["exp_avg"] for s in opt.state.values()]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(moments(saved), moments(optimizer))) and len(optimizer.state)
+    scheduler.step()  # the new schedule goes on from the checkpoint's position
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-3 * lr_factor(3, 1, 10, "cosine"), rel=1e-12)
+
+
+def test_a_resume_that_trains_other_parameters_is_refused_in_one_line(tiny_parts, tmp_path, monkeypatch):
+    """--freeze-vision changed on resume (or a real dataset, which drops the demo preset's) ended in
+    "Missing optimizer state" as a traceback."""
+    import train
+    from grpo_min.checkpoint import CheckpointError, load_checkpoint
+
+    model, processor = tiny_parts
+    path, _ = write_checkpoint(tmp_path / "run", 2, model, processor)
+    monkeypatch.setattr(train, "load_splits", lambda *a, **k: pytest.fail("loaded data"))
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", "M", "--freeze-vision", "--resume", str(path), "--output-dir", str(tmp_path / "o")])
+    assert "--freeze-vision was False, now True" in one_line_error(stop)
+    # a changed set found only once the model is built (say, another model): one line too, nothing loaded
+    model.model.visual.requires_grad_(False)
+    try:
+        optimizer, scheduler = optimizer_for(model, lr=1e-3, weight_decay=0.0)
+        with pytest.raises(CheckpointError, match=r"trained \d+ parameter tensors, this run trains \d+"):
+            load_checkpoint(path, model, optimizer, scheduler)
+        assert not optimizer.state
+    finally:
+        model.requires_grad_(True)
+
+
+# ================================================================================== 3. files whole
+def test_a_failed_metrics_rewrite_on_resume_keeps_every_line(tmp_path):
+    """On resume metrics.jsonl was emptied and then rewritten: a write cut short (here `ulimit -f`) lost the
+    lines for good. Now the old file stays whole until the new one is complete."""
+    lines = "".join(json.dumps({"step": s, "pad": "x" * 1000}) + "\n" for s in range(1, 5))
+    (tmp_path / "metrics.jsonl").write_text(lines)
+    script = ("import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000)); "
+              f"from grpo_min.checkpoint import MetricsLog; MetricsLog({str(tmp_path)!r}, 3)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "File too large" in result.stderr
+    assert (tmp_path / "metrics.jsonl").read_text() == lines  # all four lines, not the first two
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_a_failed_final_save_leaves_no_folder_that_looks_like_a_model(tiny_parts, tmp_path, monkeypatch):
+    """final/ was written in place: a failed save left config.json without weights (a raw OSError later)."""
+    from grpo_min import checkpoint
+
+    model, processor = tiny_parts
+
+    def config_then_full_disk(folder, *args):
+        (Path(folder) / "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_model", config_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_model(tmp_path / "final", model, processor)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ================================================================================== 4. checkpoints: checksums, state
+def test_a_damaged_checkpoint_is_named_and_resume_auto_falls_back(tiny_parts, tmp_path, capsys):
+    """Checkpoint files had no checksum: flipped bytes resumed, then crashed on NaN."""
+    from grpo_min.checkpoint import CheckpointError, complete_checkpoints, resume_checkpoint
+
+    model, processor = tiny_parts
+    for step in (2, 4):
+        write_checkpoint(tmp_path, step, model, processor)
+    optimizer_file = tmp_path / "checkpoint-4" / "optimizer.pt"
+    data = bytearray(optimizer_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: still a loadable file, wrong numbers
+    optimizer_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checkpoint-4: optimizer.pt does not match its checksum"):
+        resume_checkpoint(str(tmp_path / "checkpoint-4"), tmp_path)  # a folder given by path: refused
+    path, state = resume_checkpoint("auto", tmp_path)
+    assert path == tmp_path / "checkpoint-2" and state["step"] == 2
+    assert "optimizer.pt does not match its checksum (changed or damaged since it was written); falling back to the " \
+           "previous checkpoint" in capsys.readouterr().out
+    # set aside, so that neither pruning nor the next --resume auto takes it for the latest
+    assert complete_checkpoints(tmp_path) == [tmp_path / "checkpoint-2"]
+    assert (tmp_path / "checkpoint-4.corrupt" / "optimizer.pt").exists()
+    (tmp_path / "checkpoint-2" / "model.safetensors").unlink()  # the last one damaged too: one line, no fallback
+    with pytest.raises(CheckpointError, match="checkpoint-2: model.safetensors is missing"):
+        resume_checkpoint("auto", tmp_path)
+
+
+BAD_STATES = [  # (trainer_state.json, what the line says)
+    ({}, "no 'step'"), ([], "expected a JSON object, got list"), ("step", "expected a JSON object, got str"),
+    ({"step": "2"}, "'step' is \"2\""), ({"step": -1}, "'step' is -1"), ({"step": True}, "'step' is true"),
+    ({"step": 2.5}, "'step' is 2.5"), ({"step": 10**9, "config": {}, "before": {"acc@0.5": 1, "miou": 2}}, "but the folder is checkpoint-2"),
+    ({"step": 2}, "no 'config'"), ({"step": 2, "config": []}, "'config' is []"),
+    ({"step": 2, "config": {}}, "no 'before'"), ({"step": 2, "config": {}, "before": {"acc@0.5": 1}}, "'before'"),
+    ({"step": 2, "config": {}, "before": {"acc@0.5": 1, "miou": None}}, "'before'"),
+    ({"step": 2, "config": {}, "before": {"acc@0.5": 1, "miou": 2}, "data_position": -4}, "'data_position' is -4"),
+    ({"step": 2, "config": {}, "before": {"acc@0.5": 1, "miou": 2}, "world_size": 0}, "'world_size' is 0"),
+]
+
+
+@pytest.mark.parametrize("state, message", BAD_STATES, ids=range(len(BAD_STATES)))
+def test_trainer_state_is_validated_field_by_field(state, message, tmp_path):
+    """`{}`, `[]`, a missing key or a wrong type ended in tracebacks (one only after final/ was written);
+    a step of 1e9 silently trained nothing and exited 0."""
+    from grpo_min.checkpoint import CheckpointError, validate_trainer_state
+
+    with pytest.raises(CheckpointError) as stop:
+        validate_trainer_state(state, tmp_path / "checkpoint-2")
+    assert message in one_line_error(stop) and "checkpoint-2/trainer_state.json" in str(stop.value)
+
+
+def test_a_checkpoint_past_the_end_of_the_run_is_refused(tiny_parts, tmp_path):
+    import train
+
+    model, processor = tiny_parts
+    path, _ = write_checkpoint(tmp_path / "run", 9, model, processor)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--model", "M", "--max-steps", "4", "--resume", str(path), "--output-dir", str(tmp_path / "o")])
+    assert "at step 9, past the end of this run (4 steps)" in one_line_error(stop)
