@@ -97,10 +97,15 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         model, processor = _load(path, dtype, trust_remote_code, merge_adapter)
     except InputError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+    except Exception as e:  # OSError, ValueError, KeyError, safetensors' own error, ...
         # missing or truncated weights, missing processor files, a config of the wrong shape: one line naming it
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {detail[:300]})") from e
+    image_token = getattr(processor, "image_token", None)
+    if image_token is None or processor.tokenizer.convert_tokens_to_ids(image_token) != model.config.image_token_id:
+        # transformers builds an empty tokenizer when the folder's tokenizer files are missing, rather than failing
+        raise InputError(f"{path}: the processor's tokenizer does not know the model's image token (id "
+                         f"{model.config.image_token_id}): are tokenizer.json / tokenizer_config.json missing?")
     size = dict(processor.image_processor.size)
     if min_pixels is not None:
         size["shortest_edge"] = min_pixels

@@ -245,3 +245,96 @@ def test_a_checkpoint_past_the_end_of_the_run_is_refused(tiny_parts, tmp_path):
     with pytest.raises(SystemExit) as stop:
         train.main(["--model", "M", "--max-steps", "4", "--resume", str(path), "--output-dir", str(tmp_path / "o")])
     assert "at step 9, past the end of this run (4 steps)" in one_line_error(stop)
+
+
+# ================================================================================== 5. model folders
+@pytest.fixture(scope="module")
+def saved_tiny(tiny_parts, tmp_path_factory):
+    """A plain save_pretrained folder of the random tiny model, and an adapter folder on it."""
+    from grpo_min import lora
+
+    model, processor = tiny_parts
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    adapter = folder.with_name("adapter")
+    adapted = type(model)(model.config)
+    lora.add_lora(adapted, r=2, lora_alpha=4)
+    lora.save_adapter(adapter, adapted, str(folder))
+    return folder, adapter
+
+
+def damaged(folder: Path, tmp_path: Path, how) -> Path:
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    how(copy)
+    return copy
+
+
+def edit_json(name, change):
+    def how(folder):
+        value = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(change(value)))
+    return how
+
+
+def truncate(name):
+    return lambda folder: (folder / name).write_bytes((folder / name).read_bytes()[:200])
+
+
+MODEL_FOLDER_DAMAGE = {  # how -> what the one line says
+    "config.json a list": (lambda f: (f / "config.json").write_text("[]"), "expected a JSON object, got list"),
+    "config.json cut off": (truncate("config.json"), "not a readable JSON file"),
+    "config.json not UTF-8": (lambda f: (f / "config.json").write_bytes(b'{"model_type": "\xff"}'),
+                              "not a readable JSON file"),
+    "config.json deeply nested": (lambda f: (f / "config.json").write_text("[" * 100000), "not a readable JSON file"),
+    "no weights": (lambda f: (f / "model.safetensors").unlink(), "cannot load the model"),
+    "weights cut off": (truncate("model.safetensors"), "cannot load the model"),
+    "no tokenizer": (lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+                     "tokenizer does not know the model's image token"),  # (transformers makes an empty one)
+    "no image processor": (lambda f: [p.unlink() for p in f.glob("*processor*.json")], "cannot load the model"),
+    "config of the wrong shape": (edit_json("config.json", lambda c: {**c, "text_config": 7}), "cannot load the model"),
+}
+ADAPTER_DAMAGE = {
+    "no base_model_name_or_path": (edit_json("adapter_config.json", lambda c: {k: v for k, v in c.items()
+                                                                             if k != "base_model_name_or_path"}),
+                                   "no base_model_name_or_path"),
+    "base not a string": (edit_json("adapter_config.json", lambda c: {**c, "base_model_name_or_path": 3}),
+                          "no base_model_name_or_path"),
+    "r a string": (edit_json("adapter_config.json", lambda c: {**c, "r": "2"}), "expected r (a whole number"),
+    "alpha NaN": (edit_json("adapter_config.json", lambda c: {**c, "lora_alpha": float("nan")}), "lora_alpha"),
+    "adapter_config.json a list": (lambda f: (f / "adapter_config.json").write_text("[1]"), "expected a JSON object"),
+    "target_modules a number": (edit_json("adapter_config.json", lambda c: {**c, "target_modules": 5}),
+                                "expected target_modules as a list"),
+    "no adapter weights": (lambda f: (f / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
+    "adapter weights cut off": (truncate("adapter_model.safetensors"), "cannot load the model"),
+}
+
+
+@pytest.mark.parametrize("damage", list(MODEL_FOLDER_DAMAGE) + list(ADAPTER_DAMAGE))
+def test_a_damaged_model_folder_is_one_line_naming_it(damage, saved_tiny, tmp_path):
+    """A config.json that is a list, missing or cut-off weights, missing processor files, an adapter without
+    base_model_name_or_path: tracebacks before, from resolving or loading the model."""
+    from grpo_min.files import InputError
+    from grpo_min.models import load_model, resolve_model_path
+
+    plain, adapter = saved_tiny
+    how, message = MODEL_FOLDER_DAMAGE.get(damage) or ADAPTER_DAMAGE[damage]
+    folder = damaged(plain if damage in MODEL_FOLDER_DAMAGE else adapter, tmp_path, how)
+    with pytest.raises(InputError) as stop:
+        load_model(resolve_model_path(str(folder)))
+    assert message in one_line_error(stop) and str(folder) in str(stop.value)
+
+
+def test_evaluate_and_train_stop_in_one_line_on_a_folder_without_weights(saved_tiny, tmp_path):
+    """final/ cut off before its weights met evaluate.py and train.py with a raw OSError."""
+    import evaluate
+    import train
+
+    folder = damaged(saved_tiny[0], tmp_path, lambda f: (f / "model.safetensors").unlink())
+    for command, argv in ((evaluate.main, ["--model", str(folder), "--limit", "1", "--output-dir", str(tmp_path / "e")]),
+                          (train.main, ["--model", str(folder), "--semantic-model", "none", "--eval-steps", "0",
+                                        "--output-dir", str(tmp_path / "t")])):
+        with pytest.raises(SystemExit) as stop:
+            command(argv)
+        assert one_line_error(stop).startswith(f"error: {folder}: cannot load the model (OSError")
