@@ -57,16 +57,18 @@ MAX_ASPECT_RATIO = 200
 
 def _probe_image(path: Path, decode: bool) -> tuple[int, int]:
     """The (width, height) of an image file, or a _BadRow saying why it cannot be used."""
-    if not path.is_file():
-        raise _BadRow("image file not found", str(path))
     try:
+        if not path.is_file():
+            raise _BadRow("image file not found", str(path))
         with Image.open(path) as im:
             size = im.size
             if decode:  # JPEG: decode at 1/8 scale; the whole stream is still read, so truncation shows
                 im.draft("L", (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise _BadRow("image unreadable", f"{path}: {e}") from None
+    except _BadRow:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...; a NUL in the path
+        raise _BadRow("image unreadable", f"{path}: {type(e).__name__}: {e}") from None
     return size
 
 
