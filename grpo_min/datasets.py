@@ -97,9 +97,10 @@ def _bad_row(e: Exception) -> "_BadRow":
 
 
 def _utf8(*values) -> None:
-    """A _BadRow when a field read with errors="surrogateescape" held bytes that are not UTF-8."""
+    """A _BadRow when a text field holds a lone surrogate: a byte that is not UTF-8 (read with
+    errors="surrogateescape"), or a JSON escape such as "\\udcff"; such a string cannot even be printed."""
     for v in values:
-        if isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v):
+        if isinstance(v, str) and any("\ud800" <= ch <= "\udfff" for ch in v):
             raise _BadRow("not UTF-8 text", repr(v.encode("utf-8", "surrogateescape")[:60]))
 
 
@@ -204,7 +205,8 @@ def _phrase(value, name: str) -> str:
     grpo_min.datasets._BadRow: malformed entry
     """
     if not isinstance(value, str):  # JSON null or a list would otherwise become the phrase 'None' / "['a']"
-        raise _BadRow("malformed entry", f"{name}={value!r}, expected a string")
+        raise _BadRow("malformed entry", f"{name}={str(value)[:60]!r}, expected a string")
+    _utf8(value)
     if not value.strip():
         raise _BadRow("empty phrase", name)
     return value.strip()
@@ -267,6 +269,7 @@ def _resolve_image(rel: str, roots: Sequence[Path]) -> Path:
     """Where the image listed as ``rel`` is: the first existing ``root/rel``, trying ``rel`` with and
     without a leading ``files/`` (MIMIC-CXR-JPG roots are kept both ways). When none exists, the first
     candidate: check_images() then reports it as missing, with the path it expected."""
+    _utf8(rel)
     if Path(rel).is_absolute():
         return Path(rel)
     rel = PurePosixPath(rel.replace("\\", "/")).as_posix()
@@ -691,7 +694,8 @@ def _jsonl_row(rec, where: str, base: Path, default_id: str) -> _Row:
         raise _BadRow("missing columns", "needs image, text, box")
     text = _phrase(rec["text"], "text")
     if not isinstance(rec["image"], str) or not rec["image"].strip():
-        raise _BadRow("malformed entry", f"image={rec['image']!r}, expected a path")
+        raise _BadRow("malformed entry", f"image={str(rec['image'])[:60]!r}, expected a path")
+    _utf8(rec["image"], rec.get("category"), rec.get("id"))
     if not isinstance(rec["box"], list) or len(rec["box"]) != 4:
         raise _BadRow("missing columns", "box is not [x1, y1, x2, y2]")
     x1, y1, x2, y2 = (_number(v, "box") for v in rec["box"])

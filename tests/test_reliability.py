@@ -338,3 +338,85 @@ def test_evaluate_and_train_stop_in_one_line_on_a_folder_without_weights(saved_t
         with pytest.raises(SystemExit) as stop:
             command(argv)
         assert one_line_error(stop).startswith(f"error: {folder}: cannot load the model (OSError")
+
+
+# ================================================================================== 6. data: named rows, garbage
+def jsonl_root(tmp_path, lines: list) -> Path:
+    """A jsonl data root whose train.jsonl holds one good row and then ``lines`` (bytes or JSON values)."""
+    from tests.fixtures import write_jsonl_fixture
+
+    root = write_jsonl_fixture(tmp_path)
+    good = (root / "train.jsonl").read_bytes().splitlines()[0]
+    body = [good] + [l if isinstance(l, bytes) else json.dumps(l).encode() for l in lines]
+    (root / "train.jsonl").write_bytes(b"\n".join(body) + b"\n")
+    return root
+
+
+def row(**change):
+    return {"image": "img/0.png", "text": "made-up phrase", "box": [5, 6, 30, 40], "width": 64, "height": 48, **change}
+
+
+def test_each_kind_of_bad_row_is_skipped_and_counted_with_its_line(tmp_path):
+    """Each of these stopped the whole load with a traceback."""
+    import data
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 M pixels: over twice PIL's decompression-bomb limit
+    cases = {  # line -> (what it holds, the reason it is skipped for)
+        2: (row(text="caf\udcff"), None),  # (replaced below by raw bytes)
+        3: (row(box=[10**400, 6, 30, 40]), "unparseable number"),
+        4: (row(image="img/\u0000.png", width=None), "image unreadable (and no width/height given)"),
+        5: (row(image="~nobody_such_user/a.png"), "malformed entry"),
+        6: (None, "not valid JSON"),
+        7: (row(image=str(bomb), width=None), "image unreadable (and no width/height given)"),
+        8: (row(text="x" * 200_000, box=[1e308, 1e308, 1e308, 1e308]), "box of zero or negative size"),
+    }
+    lines = [json.dumps(v).encode() for v, _ in cases.values()]
+    lines[0] = json.dumps(row(text="caf")).encode().replace(b"caf", b"caf\xff")  # one byte that is not UTF-8
+    lines[4] = b"[" * 100_000 + b"]" * 100_000  # nested too deeply for the JSON parser (RecursionError)
+    root = jsonl_root(tmp_path / "d", lines + [json.dumps(row(text="\udcff")).encode()])  # (a JSON escape of one)
+    ds = data.load_dataset("jsonl", "train", data_root=root)
+    expected = {"not UTF-8 text": 2, "unparseable number": 1, "image unreadable (and no width/height given)": 2,
+                "malformed entry": 1, "not valid JSON": 1, "box of zero or negative size": 1}
+    assert len(ds) == 1 and dict(ds.skipped.counts) == expected
+    assert ds.skipped.examples[0].startswith("train.jsonl line 2: not UTF-8 text")
+    assert ds.skipped.examples[3].startswith("train.jsonl line 5: malformed entry (RuntimeError")  # ~nobody_such_user
+    good, report = data.check_images(ds)
+    assert len(good) == 1
+
+
+def test_csv_rows_with_bad_bytes_or_huge_fields_are_skipped(tmp_path):
+    import data
+    from tests.fixtures import write_chestxray8_fixture
+
+    root = write_chestxray8_fixture(tmp_path)
+    file = root / "BBox_List_2017.csv"
+
+    def skipped():
+        counts = {}
+        for split in ("train", "val", "test"):
+            for reason, count in data.load_dataset("chestx-ray8", split, data_root=root).skipped.counts.items():
+                counts[reason] = counts.get(reason, 0) + count
+        return counts
+
+    before = skipped()
+    lines = file.read_bytes().splitlines() + [
+        b"00000001_000.png,Mass\xff,10,10,50,50", b"00000001_000.png,Mass," + b"9" * 400 + b",10,50,50",
+        b"00000001_000.png,Mass," + b"1" * 200_000 + b",10,50,50"]  # a field over the csv module's 128 KiB
+    file.write_bytes(b"\n".join(lines) + b"\n")
+    after = skipped()
+    assert {k: after[k] - before.get(k, 0) for k in after} == {"not UTF-8 text": 1, "unparseable number": 2}
+
+
+def test_empty_or_null_m3d_descriptions_are_skipped_not_phrases(tmp_path):
+    """M3D-RefSeg descriptions "" or null became the phrases "" and "None"."""
+    import data
+    from tests.fixtures import write_m3d_fixture
+
+    root = write_m3d_fixture(tmp_path, fmt="npy")
+    for case in ("s0001", "s0002"):
+        (root / "M3D_RefSeg" / case / "text.json").write_text(json.dumps({"1": "", "2": None}))
+    ds = data.load_dataset("m3d-refseg", "train", data_root=root, cache_dir=tmp_path / "cache")
+    assert all(s.text.strip() and s.text != "None" for s in ds)
+    assert ds.skipped.counts["empty phrase"] >= 1  # (the cases of the train split among s0001, s0002)
