@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from grpo_min import dist
-from grpo_min.files import InputError, atomic_path, check_output, write_text
+from grpo_min.files import InputError, atomic_path, brief, check_output, write_text
 from grpo_min.boxes import Box
 from grpo_min.datasets import (MULTI_BOX, SPLITS, TINY_BOX, DatasetError, SampleList, SkipReport, _BadRow,  # noqa: F401
                                load_chestxray8, load_jsonl, load_medrpg, load_ms_cxr, phrase_from_question,
@@ -68,7 +68,7 @@ def _probe_image(path: Path, decode: bool) -> tuple[int, int]:
     except _BadRow:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...; a NUL in the path
-        raise _BadRow("image unreadable", f"{path}: {type(e).__name__}: {e}") from None
+        raise _BadRow("image unreadable", f"{path}: {brief(e)}") from None
     return size
 
 

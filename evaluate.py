@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from grpo_min.boxes import Box, from_model_frame, iou, parse_answer, summarize_ious
-from grpo_min.files import InputError, atomic_path, check_output, write_text
+from grpo_min.files import InputError, atomic_path, brief, check_output, write_text
 from grpo_min.prompts import load_template
 from grpo_min.rollout import encode_prompts, generate_completions
 
@@ -206,7 +206,7 @@ def load_predictions(path: str | Path) -> tuple[list[dict], str]:
                     try:
                         records.append(json.loads(line))
                     except (json.JSONDecodeError, RecursionError) as e:
-                        raise ValueError(f"{path}, line {number}: not JSON ({type(e).__name__}: {e})") from None
+                        raise ValueError(f"{path}, line {number}: not JSON ({brief(e)})") from None
         mine = bool(records) and isinstance(records[0], dict) and "box" in records[0]
         kind += " of grpo_min predictions (boxes in original pixels)" if mine else " of raw outputs (parsed here)"
     if not records:  # nothing to score: a table of zeros would read as a result
@@ -269,7 +269,7 @@ def _read_metrics(path: Path) -> dict:
     try:
         metrics = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, cut off
-        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a readable JSON file ({brief(e)})") from None
     if isinstance(metrics, dict) and "n" not in metrics:
         metrics = metrics.get("after", metrics)  # train.py's summary.json
     numbers = [metrics.get(k) for k, _ in COLUMNS] if isinstance(metrics, dict) else [None]
@@ -443,7 +443,7 @@ def read_image(path: str) -> Image.Image:
         with Image.open(path) as f:
             return to_rgb8(f.copy())
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise ValueError(f"--image {path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"--image {path}: not a readable image ({brief(e)})") from None
 
 
 def usable_samples(args):

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from grpo_min import dist, lora
-from grpo_min.files import InputError, atomic_folder, write_text
+from grpo_min.files import InputError, atomic_folder, brief, write_text
 from grpo_min.models import load_model
 
 MARKER = "COMPLETE"
@@ -261,7 +261,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         saved = {name for group in optim_state["param_groups"] for name in group["params"]}
         last_epoch = int(sched_state["last_epoch"])
     except Exception as e:  # corrupt or truncated files: say which checkpoint, never half-load
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {brief(e)}") from e
     trained = {name for name, p in dist.unwrap(model).named_parameters() if p.requires_grad}
     if saved != trained:
         raise CheckpointError(f"{path} trained {len(saved)} parameter tensors, this run trains {len(trained)} (e.g. "
@@ -313,7 +313,7 @@ def check_checkpoint(path: Path) -> dict:
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {brief(e)}") from e
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors model weights")
     return validate_trainer_state(state, path)

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from grpo_min.boxes import Box
+from grpo_min.files import brief
 from grpo_min.sample import Sample
 
 SPLITS = ("train", "val", "test")
@@ -73,7 +74,7 @@ def _path(path: str | Path, option: str) -> Path:
         path.exists()  # a NUL byte raises here, not later
         return path
     except (RuntimeError, ValueError, OSError) as e:  # ~nobody (no such user), a NUL byte, a name too long
-        raise DatasetError(f"{option} {str(path)!r}: not a usable path ({type(e).__name__}: {e})") from None
+        raise DatasetError(f"{option} {str(path)!r}: not a usable path ({brief(e)})") from None
 
 
 def _read_json(file: Path, dataset: str):
@@ -81,7 +82,7 @@ def _read_json(file: Path, dataset: str):
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise DatasetError(f"{dataset}: {file} is not valid JSON ({type(e).__name__}: {e}); was it cut off while "
+        raise DatasetError(f"{dataset}: {file} is not valid JSON ({brief(e)}); was it cut off while "
                            "downloading?") from None
 
 
@@ -93,7 +94,7 @@ ROW_ERRORS = (ValueError, TypeError, OverflowError, KeyError, IndexError, Attrib
 
 def _bad_row(e: Exception) -> "_BadRow":
     """``e`` as a _BadRow: itself, or "malformed entry" with its type and message."""
-    return e if isinstance(e, _BadRow) else _BadRow("malformed entry", f"{type(e).__name__}: {str(e)[:200]}")
+    return e if isinstance(e, _BadRow) else _BadRow("malformed entry", brief(e))
 
 
 def _utf8(*values) -> None:
@@ -536,7 +537,7 @@ def _medrpg_pth_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list
         entries = torch.load(file, weights_only=True)
     except Exception as e:  # an UnpicklingError names what was refused
         raise DatasetError(f"medrpg: {file} cannot be read with torch.load(weights_only=True) (only plain lists, "
-                           f"tuples, numbers and strings are accepted; nothing else is unpickled): {e}") from None
+                           f"tuples, numbers and strings are accepted; nothing else is unpickled): {brief(e)}") from None
     if not isinstance(entries, (list, tuple)):
         raise DatasetError(f"medrpg: {file} holds a {type(entries).__name__}, expected a list of entries "
                            f"(anno_id, image_id, category_id, img_file, (x, y, w, h), width, height, phrase)")
@@ -674,7 +675,7 @@ def load_jsonl(split: str, data_root, image_root=None, *, split_seed: int = 0) -
                 bad.append(_Skipped(None, "not UTF-8 text", where, str(e)))
                 continue
             except (json.JSONDecodeError, RecursionError) as e:  # (RecursionError: nested too deeply)
-                bad.append(_Skipped(None, "not valid JSON", where, f"{type(e).__name__}: {str(e)[:200]}"))
+                bad.append(_Skipped(None, "not valid JSON", where, brief(e)))
                 continue
             try:
                 rows.append(_jsonl_row(rec, where, base, f"{file.stem}-{n}"))

@@ -19,6 +19,12 @@ class InputError(ValueError):
     """An input or output the run refuses; the message is one line that names it and says what is wrong."""
 
 
+def brief(e: BaseException) -> str:
+    """An exception as one short line, for a message that names the file: "OSError: first line of its text"."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path next to ``path`` (same suffix, so PIL picks the format); it becomes ``path`` only
@@ -69,7 +75,7 @@ def read_json_object(file: Path) -> dict:
     try:
         value = json.loads(Path(file).read_bytes())
     except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, cut off
-        raise InputError(f"{file}: not a readable JSON file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{file}: not a readable JSON file ({brief(e)})") from None
     if not isinstance(value, dict):
         raise InputError(f"{file}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -12,7 +12,7 @@ from PIL import Image
 
 from grpo_min.datasets import (ROW_ERRORS, WHERE_TO_GET, DatasetError, SampleList, SkipReport, _bad_row, _BadRow,
                                _not_found, _number, _path, _root, _short_hash, _text_lines, _utf8, seeded_split)
-from grpo_min.files import atomic_path, write_text
+from grpo_min.files import atomic_path, brief, write_text
 from grpo_min.sample import Sample, mask_box
 
 M3D_CSVS = {"train": "M3D_RefSeg_train.csv", "test": "M3D_RefSeg_test.csv", "all": "M3D_RefSeg_all.csv"}
@@ -158,7 +158,7 @@ def _m3d_texts(file: Path) -> dict[str, str | None]:
     try:
         texts = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise _BadRow("text.json unreadable", f"{file}: {type(e).__name__}: {str(e)[:200]}") from None
+        raise _BadRow("text.json unreadable", f"{file}: {brief(e)}") from None
     if not isinstance(texts, dict):
         raise _BadRow("text.json unreadable", f"{file}: a {type(texts).__name__}, expected {{region id: text}}")
     first = {str(k): v[0] if isinstance(v, list) and v else v for k, v in texts.items()}
@@ -189,7 +189,7 @@ def _read_volumes(ct: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
             try:
                 volume = np.load(path)  # allow_pickle stays False: only plain arrays
             except (OSError, ValueError) as e:
-                raise _BadRow("volume unreadable", f"{path}: {type(e).__name__}: {e}") from None
+                raise _BadRow("volume unreadable", f"{path}: {brief(e)}") from None
             if volume.ndim < 3 or volume.size != int(np.prod(volume.shape[-3:])):
                 raise _BadRow("volume is not 3-D", f"{path}: shape {volume.shape}, expected (1, D, H, W)")
             volumes.append(volume.reshape(volume.shape[-3:]))
@@ -208,7 +208,7 @@ def _read_volumes(ct: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
         except _BadRow:
             raise
         except Exception as e:  # nibabel raises several types for truncated or foreign files
-            raise _BadRow("volume unreadable", f"{path}: {type(e).__name__}: {e}") from None
+            raise _BadRow("volume unreadable", f"{path}: {brief(e)}") from None
         if to_ras is None:  # the CT's affine decides, for both
             to_ras = orientations.ornt_transform(orientations.io_orientation(image.affine),
                                                  orientations.axcodes2ornt("RAS"))

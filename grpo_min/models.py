@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from grpo_min import lora
-from grpo_min.files import InputError, read_json_object
+from grpo_min.files import InputError, brief, read_json_object
 from grpo_min.lora import is_adapter_folder
 
 # The box frame a model family reads and writes (docs/METHOD.md, "Box coordinate frames").
@@ -99,8 +99,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: 
         raise
     except Exception as e:  # OSError, ValueError, KeyError, safetensors' own error, ...
         # missing or truncated weights, missing processor files, a config of the wrong shape: one line naming it
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise InputError(f"{path}: cannot load the model ({type(e).__name__}: {detail[:300]})") from e
+        raise InputError(f"{path}: cannot load the model ({brief(e)})") from e
     image_token = getattr(processor, "image_token", None)
     if image_token is None or processor.tokenizer.convert_tokens_to_ids(image_token) != model.config.image_token_id:
         # transformers builds an empty tokenizer when the folder's tokenizer files are missing, rather than failing

@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -420,3 +421,157 @@ def test_empty_or_null_m3d_descriptions_are_skipped_not_phrases(tmp_path):
     ds = data.load_dataset("m3d-refseg", "train", data_root=root, cache_dir=tmp_path / "cache")
     assert all(s.text.strip() and s.text != "None" for s in ds)
     assert ds.skipped.counts["empty phrase"] >= 1  # (the cases of the train split among s0001, s0002)
+
+
+# ---------------------------------------------------------------------------------- property-style: garbage in
+NASTY_TEXT = [b"\xff\xfe", b"9" * 400, b"-1e999", b"nan", b"\x00", b"~nobody_such_user/a.png", b"x" * 140_000,
+              b"[" * 50_000, b'"', b"", b"null", b"\\udcff", b",,,,,,,,", b"\r", b"\xef\xbb\xbf"]
+NASTY_JSON = [None, [], {}, "", "\u0000", "~nobody_such_user/a.png", 10**400, -(10**400), 1e308, -1, True, "nan",
+              "\udcff", "x" * 140_000, [[1, 2], [3]], {"bbox_2d": "a"}, [None] * 4, "DEEP"]
+
+
+def mutations(text: bytes, seed: int, count: int, structured: bool):
+    """``count`` seeded damaged versions of a file: random bytes, truncations, nasty lines or fields, and (for a
+    JSON file, ``structured``) one node of the document replaced by a value of another type or size."""
+    rng = random.Random(seed)
+    lines = text.splitlines()
+    for k in range(count):
+        kind = k % (5 if structured else 4)
+        if kind == 0:  # random bytes at random places
+            out = bytearray(text)
+            for _ in range(rng.randint(1, 8)):
+                out[rng.randrange(len(out))] = rng.randrange(256)
+            yield bytes(out)
+        elif kind == 1:  # cut off
+            yield text[:rng.randrange(len(text))]
+        elif kind == 2:  # one line replaced by a nasty one
+            changed = list(lines)
+            changed[rng.randrange(len(changed))] = rng.choice(NASTY_TEXT)
+            yield b"\n".join(changed)
+        elif kind == 3:  # one comma-separated field of one line replaced
+            changed = list(lines)
+            i = rng.randrange(len(changed))
+            fields = changed[i].split(b",")
+            fields[rng.randrange(len(fields))] = rng.choice(NASTY_TEXT)
+            changed[i] = b",".join(fields)
+            yield b"\n".join(changed)
+        else:  # a node of the JSON document (each line, for JSONL) replaced by a value of another kind
+            docs = [json.loads(l) for l in lines] if len(lines) > 1 else [json.loads(text)]
+            d = rng.randrange(len(docs))
+            nodes = list(walk(docs[d]))
+            value = rng.choice(NASTY_JSON)
+            parent, key = rng.choice(nodes) if nodes else (None, None)
+            if parent is None:
+                docs[d] = value
+            else:
+                parent[key] = value
+            raw = [json.dumps(doc).encode() for doc in docs]
+            yield (b"\n".join(raw) if len(lines) > 1 else raw[0]).replace(b'"DEEP"', b"[" * 50_000 + b"]" * 50_000)
+
+
+def walk(node):
+    """(container, key) of every value below ``node``."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, value in items:
+        yield node, key
+        yield from walk(value)
+
+
+def skipped_or_one_line(load, expected_errors):
+    """Run ``load``: either it returns (and what it returns is well-formed, which the caller checks) or it raises one
+    of ``expected_errors`` with a one-line message. Anything else, a traceback, fails the test."""
+    try:
+        return load()
+    except expected_errors as e:
+        message = str(e)
+        assert message and "\n" not in message.strip(), message
+        return None
+
+
+DATASET_FILES = {  # loader -> (fixture writer, the annotation file damaged, load_dataset's keywords, JSON?)
+    "ms-cxr csv": ("ms-cxr", lambda r: _ms_cxr(r, "csv"), "ms-cxr/MS_CXR_Local_Alignment_v1.1.0.csv", False),
+    "ms-cxr json": ("ms-cxr", lambda r: _ms_cxr(r, "json"), "ms-cxr/MS_CXR_Local_Alignment_v1.1.0.json", True),
+    "medrpg json": ("medrpg", lambda r: _fixture("write_medrpg_fixture", r, fmt="json"), "data/MS_CXR/train.json",
+                    True),
+    "chestx-ray8": ("chestx-ray8", lambda r: _fixture("write_chestxray8_fixture", r), "BBox_List_2017.csv", False),
+    "jsonl": ("jsonl", lambda r: _fixture("write_jsonl_fixture", r), "train.jsonl", True),
+    "m3d-refseg csv": ("m3d-refseg", lambda r: _fixture("write_m3d_fixture", r, fmt="npy"), "M3D_RefSeg_train.csv",
+                       False),
+    "m3d-refseg text.json": ("m3d-refseg", lambda r: _fixture("write_m3d_fixture", r, fmt="npy"),
+                             "M3D_RefSeg/s0001/text.json", True),
+}
+
+
+def _fixture(name, root, **kw):
+    import tests.fixtures
+
+    getattr(tests.fixtures, name)(root, **kw)
+    return {"data_root": root}
+
+
+def _ms_cxr(root, fmt):
+    from tests.fixtures import write_ms_cxr_fixture
+
+    data_root, image_root = write_ms_cxr_fixture(root, fmt=fmt)
+    if fmt == "json":
+        (data_root / "MS_CXR_Local_Alignment_v1.1.0.csv").unlink(missing_ok=True)
+    return {"data_root": data_root, "image_root": image_root}
+
+
+def well_formed(ds):
+    import math
+
+    import data
+
+    for s in ds:
+        assert isinstance(s.text, str) and s.text.strip() and s.text != "None"
+        assert len(s.box) == 4 and all(isinstance(v, float) and math.isfinite(v) for v in s.box)
+        assert s.box[0] < s.box[2] and s.box[1] < s.box[3] and s.width > 0 and s.height > 0
+        s.text.encode("utf-8")  # printable: no lone surrogate
+    data.check_images(ds)  # and nothing downstream trips on what was kept
+
+
+@pytest.mark.parametrize("loader", list(DATASET_FILES))
+def test_every_dataset_loader_skips_or_names_garbage_never_a_traceback(loader, tmp_path):
+    import data
+
+    name, write, relative, structured = DATASET_FILES[loader]
+    root = tmp_path / "d"
+    kw = write(root)
+    file = root / relative if not relative.startswith("ms-cxr/") else kw["data_root"] / Path(relative).name
+    original = file.read_bytes()
+    cache = {"cache_dir": tmp_path / "cache"} if name == "m3d-refseg" else {}
+    loaded = 0
+    for garbage in mutations(original, seed=zlib.crc32(loader.encode()), count=24, structured=structured):
+        file.write_bytes(garbage)
+        ds = skipped_or_one_line(lambda: data.load_dataset(name, "train", **kw, **cache), data.DatasetError)
+        if ds is not None:
+            well_formed(ds)
+            loaded += 1
+    assert loaded >= 3  # (damage to a row spoils that row, not the whole file: the rest still loads)
+    file.write_bytes(original)
+    assert len(data.load_dataset(name, "train", **kw, **cache)) > 0  # (the fixture itself loads)
+
+
+def test_medrpg_pth_garbage_is_skipped_or_named(tmp_path):
+    """MedRPG's .pth lists: damaged bytes (refused by torch.load: one line) or entries of the wrong kind (skipped)."""
+    import data
+    from tests.fixtures import write_medrpg_fixture
+
+    root = write_medrpg_fixture(tmp_path / "d")
+    file = root / "data" / "MS_CXR" / "MS_CXR_train.pth"
+    original, entries = file.read_bytes(), [list(e) for e in torch.load(file, weights_only=True)]
+    rng, loaded = random.Random(5), 0
+    for k, garbage in enumerate(mutations(original, seed=5, count=8, structured=False)):
+        if k % 4 >= 2:  # (line and field edits mean nothing in a zip file: replace a node of the entries instead)
+            changed = json.loads(json.dumps([[list(v) if isinstance(v, tuple) else v for v in e] for e in entries]))
+            parent, key = rng.choice(list(walk(changed)))
+            parent[key] = rng.choice([v for v in NASTY_JSON if v != "DEEP"])
+            torch.save(changed, file)
+        else:
+            file.write_bytes(garbage)
+        ds = skipped_or_one_line(lambda: data.load_dataset("medrpg", "train", data_root=root), data.DatasetError)
+        if ds is not None:
+            well_formed(ds)
+            loaded += 1
+    assert loaded >= 2
