@@ -309,13 +309,22 @@ def check_checkpoint(path: Path) -> dict:
             with safe_open(f, "pt") as handle:
                 for key in handle.keys():
                     handle.get_slice(key)
-        state = json.loads((path / "trainer_state.json").read_text())
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {brief(e)}") from e
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors model weights")
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """Checkpoint ``path``'s trainer_state.json, validated, or a CheckpointError naming the file."""
+    file = Path(path) / "trainer_state.json"
+    try:
+        state = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # missing, not UTF-8, not JSON, cut off, nested too deeply
+        raise CheckpointError(f"{file}: not a readable JSON file ({brief(e)})") from None
     return validate_trainer_state(state, path)
 
 

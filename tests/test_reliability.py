@@ -3,7 +3,6 @@ input with one clear line (never a traceback). Cheap: no training run here (test
 real runs); checkpoints are written from a random tiny model, and the garbage tests feed seeded random bytes,
 truncations, wrong JSON types and huge numbers to each loader."""
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -575,3 +574,127 @@ def test_medrpg_pth_garbage_is_skipped_or_named(tmp_path):
             well_formed(ds)
             loaded += 1
     assert loaded >= 2
+
+
+def _predictions_file(folder: Path) -> Path:
+    rows = [{"id": str(k), "phrase": "mass", "category": "c", "ground_truth": [10, 20, 30 + k, 40], "output": "x",
+             "box": [12, 20, 30, 40 + k], "iou": 0.5} for k in range(6)]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "predictions.jsonl"
+
+
+def _log_file(folder: Path) -> Path:
+    log = {"results": [{"question": "mass", "ground_truth": [[10, 20, 30 + k, 40]], "model_output":
+                        f"<answer>[10, 20, 30, {40 + k}]</answer>"} for k in range(6)]}
+    (folder / "log.json").write_text(json.dumps(log))
+    return folder / "log.json"
+
+
+def _metrics_jsonl(folder: Path) -> Path:
+    lines = [{"step": s, "reward": 0.1 * s, "kl": 0.01, "eval/acc@0.5": 3.0, "grad_norm": 1.0} for s in range(1, 7)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (folder / "summary.json").write_text(json.dumps({"before": {"acc@0.5": 1, "miou": 2},
+                                                     "after": {"acc@0.5": 3, "miou": 4}}))
+    return folder / "metrics.jsonl"
+
+
+def _metrics_json(folder: Path) -> Path:
+    (folder / "metrics.json").write_text(json.dumps({"n": 6, "parse_failures": 0, "acc@0.3": 1.0, "acc@0.5": 2.0,
+                                                     "acc@0.7": 3.0, "miou": 4.0}))
+    return folder / "metrics.json"
+
+
+def _trainer_state(folder: Path) -> Path:
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(
+        {"step": 2, "config": {"seed": 0}, "before": {"acc@0.5": 1.0, "miou": 2.0}, "data_position": 4,
+         "world_size": 1}))
+    return folder / "checkpoint-2" / "trainer_state.json"
+
+
+def _model_config(folder: Path) -> Path:
+    (folder / "m").mkdir()
+    (folder / "m" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "text_config": {"a": 1}}))
+    return folder / "m" / "config.json"
+
+
+def _adapter_config(folder: Path) -> Path:
+    (folder / "m").mkdir()
+    _model_config(folder / "m")
+    (folder / "a").mkdir()
+    (folder / "a" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "base_model_name_or_path":
+         str(folder / "m" / "m")}))
+    return folder / "a" / "adapter_config.json"
+
+
+def _read_predictions(file):
+    import evaluate
+
+    rows, _ = evaluate.load_predictions(file)
+    evaluate.metrics_of(rows)
+    assert all(0 <= r["iou"] <= 1 for r in rows)
+
+
+def _plot(file):
+    import evaluate
+
+    evaluate.plot_run(file.parent, file.parent / "curves.png")
+
+
+def _compare(file):
+    import evaluate
+
+    evaluate.compare_table([file])
+
+
+def _state(file):
+    from grpo_min.checkpoint import read_trainer_state
+
+    read_trainer_state(file.parent)
+
+
+def _resolve(file):
+    from grpo_min.models import resolve_model_path
+
+    resolve_model_path(str(file.parent))
+
+
+def _resume_log(file):
+    from grpo_min.checkpoint import MetricsLog
+
+    MetricsLog(file.parent, 3).file.close()  # never fails on its content: unreadable lines count as after step 3
+
+
+def _errors(*names):
+    def get():
+        from grpo_min.files import InputError
+
+        return tuple({"ValueError": ValueError, "InputError": InputError,
+                      "CheckpointError": __import__("grpo_min.checkpoint").checkpoint.CheckpointError}[n]
+                     for n in names)
+    return get
+
+
+OTHER_LOADERS = {  # name -> (writes a good file, reads it, the errors that are one clear line, JSON document?)
+    "predictions.jsonl": (_predictions_file, _read_predictions, _errors("ValueError"), True),
+    "MedGround-R1 log": (_log_file, _read_predictions, _errors("ValueError"), True),
+    "metrics.jsonl (--plot-run)": (_metrics_jsonl, _plot, _errors("ValueError"), True),
+    "metrics.json (--compare)": (_metrics_json, _compare, _errors("ValueError"), True),
+    "trainer_state.json": (_trainer_state, _state, _errors("CheckpointError"), True),
+    "model config.json": (_model_config, _resolve, _errors("InputError"), True),
+    "adapter_config.json": (_adapter_config, _resolve, _errors("InputError"), True),
+    "metrics.jsonl (resume)": (_metrics_jsonl, _resume_log, _errors(), True),
+}
+
+
+@pytest.mark.parametrize("loader", list(OTHER_LOADERS))
+def test_every_other_loader_answers_garbage_with_one_line_never_a_traceback(loader, tmp_path):
+    """Prediction files, metrics files, checkpoint trainer state, model and adapter configs: seeded garbage."""
+    write, read, errors, structured = OTHER_LOADERS[loader]
+    file = write(tmp_path)
+    original = file.read_bytes()
+    read(file)  # (the good file reads)
+    for garbage in mutations(original, seed=zlib.crc32(loader.encode()), count=24, structured=structured):
+        file.write_bytes(garbage)
+        skipped_or_one_line(lambda: read(file), errors() or ())
