@@ -100,7 +100,6 @@ class Config:
     # --- LoRA (names as in peft's LoraConfig) ---
     lora_r: int = opt(0, "LoRA rank: adapters on a frozen base, which is also the reference (0: off, full fine-tuning)")
     lora_alpha: float | None = opt(None, "LoRA scale: adapter outputs are multiplied by alpha / r (default: 2 x --lora-r)")
-    lora_dropout: float = opt(0.0, "dropout on the adapters' input (0 keeps the policy's log-probs deterministic)")
     lora_target_modules: str | None = opt(None, "comma-separated names of the Linear layers to adapt (default: the "
                                           "language model's q/k/v/o_proj and gate/up/down_proj; vision tower excluded)")
     lora_vision: bool = opt(False, "adapt the vision tower too (its attention's qkv and proj, and its MLP)")

@@ -52,10 +52,9 @@ LIMITS = {
     "eval_steps": (lambda v: v >= 0, "0 (never) or more"),
     "eval_limit": (lambda v: v >= 1, "at least 1 (leave it out to evaluate whole splits)"),
     "lora_r": (lambda v: v >= 0, "0 (off: full fine-tuning) or more"), "lora_alpha": _POSITIVE,
-    "lora_dropout": (lambda v: 0 <= v < 1, "0 or more and below 1"),
 }
 # Options that shape the adapters: with LoRA off (--lora-r 0) they would silently do nothing.
-LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_vision", "merge_lora")
+LORA_OPTIONS = ("lora_alpha", "lora_target_modules", "lora_vision", "merge_lora")
 
 
 def flag(name: str) -> str:
@@ -176,7 +175,7 @@ def banner(cfg, *, model_path, policy, frame: str, splits, semantic_path, total_
         ("output", cfg.output_dir),
     ]
     if cfg.lora_r:
-        lines.insert(1, ("LoRA", f"r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g} on "
+        lines.insert(1, ("LoRA", f"r {cfg.lora_r}, alpha {cfg.lora_alpha:g} on "
                                  f"{cfg.lora_target_modules or 'the language model projections'}"
                                  f"{' and the vision tower' if cfg.lora_vision else ''}; base in "
                                  f"{str(next(policy.parameters()).dtype).replace('torch.', '')}, "

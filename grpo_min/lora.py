@@ -84,7 +84,7 @@ def add_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout
     A Linear is targeted when its name equals a ``target_modules`` entry or ends with ``.`` + one (peft's
     rule); by default the language model's attention and MLP projections, the vision tower left out (as
     EasyR1 does). ``include_vision`` adapts the tower too (by default its attention's qkv and proj too).
-    Keep ``lora_dropout`` at 0 for GRPO: a random mask would make the policy's log-probs noisy.
+    train.py turns every dropout off (``models.disable_dropout``): a random mask would make the log-probs noisy.
     """
     if target_modules is None:
         target_modules = list(LANGUAGE_TARGETS) + (list(VISION_TARGETS) if include_vision else [])

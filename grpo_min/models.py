@@ -169,20 +169,42 @@ def prepare_policy(model: torch.nn.Module, cfg, device, adapter: str | Path | No
     """``model`` made ready to train with ``cfg``'s options (train.py's Config), in place, and returned.
 
     LoRA (``cfg.lora_r`` > 0): the model frozen and its targeted layers wrapped with float32 adapters
-    (lora.py says why float32), fresh or, with ``adapter``, a saved adapter folder's. Then: moved to
-    ``device``, training mode, the vision tower frozen, gradient checkpointing, as the options say.
+    (lora.py says why float32), fresh or, with ``adapter``, a saved adapter folder's. Then: dropout off
+    (``disable_dropout``), moved to ``device``, training mode, the vision tower frozen, gradient checkpointing,
+    as the options say.
     """
     if cfg.lora_r:
         targets = cfg.lora_target_modules.split(",") if cfg.lora_target_modules else None
         with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)  # the same A on every rank: FSDP shards each rank's own copy, unsynced
-            lora.add_lora(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, include_vision=cfg.lora_vision)
+            lora.add_lora(model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                          include_vision=cfg.lora_vision)
         if adapter is not None:
             lora.load_adapter(model, adapter)
+    disable_dropout(model)
     model.to(device).train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of ``model`` set to 0, as TRL's ``disable_dropout``, in place.
+
+    GRPO compares one distribution across passes: sampling (eval mode), then the old-policy, reference and
+    policy passes (training mode). Dropout in training mode draws a new mask in each pass, so the ratio of the
+    policy to the old policy would differ from 1 on the first update and tokens would be clipped for no reason;
+    "sampled = scored" needs the same network in every pass. Covers nn.Dropout (a LoRA adapter's, e.g. from a peft
+    folder with lora_dropout > 0) and the attention dropout that transformers' attention layers apply themselves.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    for config in (model.config, *(getattr(model.config, k, None) for k in ("text_config", "vision_config"))):
+        if config is not None and hasattr(config, "attention_dropout"):
+            config.attention_dropout = 0.0
     return model

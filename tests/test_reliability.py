@@ -728,3 +728,30 @@ def test_every_other_loader_answers_garbage_with_one_line_never_a_traceback(load
     for garbage in mutations(original, seed=zlib.crc32(loader.encode()), count=24, structured=structured):
         file.write_bytes(garbage)
         skipped_or_one_line(lambda: read(file), errors() or ())
+
+
+# ================================================================================== 7. dropout
+def test_dropout_is_off_in_every_pass_so_the_first_update_has_ratio_one(saved_tiny, tmp_path, monkeypatch):
+    """Dropout in training mode drew a new mask in the old-policy and the policy passes: with --num-iterations 2
+    the ratio differed from 1 on the first update and tokens were clipped for no reason. The policy passes run in
+    training mode here, on a model whose attention and adapters both have dropout 0.5."""
+    import train
+    from grpo_min import lora
+
+    folder = damaged(saved_tiny[0], tmp_path, edit_json("config.json", lambda c: {
+        **c, "text_config": {**c["text_config"], "attention_dropout": 0.5},
+        "vision_config": {**c.get("vision_config", {}), "attention_dropout": 0.5}}))
+    real_add_lora, real_loss, seen = lora.add_lora, train.grpo_loss, []
+    monkeypatch.setattr(lora, "add_lora", lambda *a, **k: real_add_lora(*a, **{**k, "lora_dropout": 0.5}))
+
+    def loss(logps, old, *args, **kw):
+        seen.append((logps.detach().clone(), old.clone()))
+        return real_loss(logps, old, *args, **kw)
+
+    monkeypatch.setattr(train, "grpo_loss", loss)
+    train.main(["--model", str(folder), "--lora-r", "4", "--max-steps", "1", "--num-iterations", "2",
+                "--batch-size", "2", "--num-generations", "4", "--max-completion-length", "8", "--eval-steps", "0",
+                "--eval-limit", "1", "--semantic-model", "none", "--output-dir", str(tmp_path / "run")])
+    [(logps, old)] = seen
+    assert torch.equal(logps, old)  # (logps - old).exp() == 1: nothing to clip on the first update
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["clip_fraction"] == 0.0
