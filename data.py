@@ -24,7 +24,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import shutil
 import sys
 from collections import Counter
@@ -36,6 +35,7 @@ import torch
 from PIL import Image
 
 from grpo_min import dist
+from grpo_min.files import InputError, atomic_path, brief, check_output, write_text
 from grpo_min.boxes import Box
 from grpo_min.datasets import (MULTI_BOX, SPLITS, TINY_BOX, DatasetError, SampleList, SkipReport, _BadRow,  # noqa: F401
                                load_chestxray8, load_jsonl, load_medrpg, load_ms_cxr, phrase_from_question,
@@ -57,16 +57,18 @@ MAX_ASPECT_RATIO = 200
 
 def _probe_image(path: Path, decode: bool) -> tuple[int, int]:
     """The (width, height) of an image file, or a _BadRow saying why it cannot be used."""
-    if not path.is_file():
-        raise _BadRow("image file not found", str(path))
     try:
+        if not path.is_file():
+            raise _BadRow("image file not found", str(path))
         with Image.open(path) as im:
             size = im.size
             if decode:  # JPEG: decode at 1/8 scale; the whole stream is still read, so truncation shows
                 im.draft("L", (max(1, im.width // 8), max(1, im.height // 8)))
                 im.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise _BadRow("image unreadable", f"{path}: {e}") from None
+    except _BadRow:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...; a NUL in the path
+        raise _BadRow("image unreadable", f"{path}: {brief(e)}") from None
     return size
 
 
@@ -152,11 +154,11 @@ def load_dataset(name: str, split: str = "train", *, data_root: str | None = Non
         ds = load_jsonl(split, data_root, image_root, split_seed=split_seed)
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-    if ds.skipped.total and os.environ.get("RANK", "0") == "0":
+    if ds.skipped.total and dist.is_main():
         print(f"{name}/{split}: {ds.skipped.summary()} (python data.py --dataset {name} ... lists examples)",
               file=sys.stderr)
     tiny = ds.skipped.counts[TINY_BOX]  # normalised boxes end up here (see _checked_box)
-    if tiny > len(ds) and os.environ.get("RANK", "0") == "0":
+    if tiny > len(ds) and dist.is_main():
         print(f"WARNING: {name}/{split}: most boxes ({tiny} skipped, {len(ds)} kept) are smaller than 1 pixel; "
               "boxes must be in pixels of the original image (x1, y1, x2, y2), not normalised to [0, 1]: "
               "multiply them by the image's width and height", file=sys.stderr)
@@ -230,10 +232,9 @@ def draw_grid(samples: Sequence[Sample], path: str | Path, pred_boxes: Sequence[
         draw.text((x0 + 3, y0 + cell + 2), s.text[:42], fill="black")
         if len(s.text) > 42:
             draw.text((x0 + 3, y0 + cell + 14), s.text[42:84], fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    with atomic_path(path) as tmp:
+        grid.save(tmp)
+    return Path(path)
 
 
 def export_jsonl(samples: Sequence[Sample], out: str | Path, split: str, copy_images: bool = False) -> Path:
@@ -243,26 +244,24 @@ def export_jsonl(samples: Sequence[Sample], out: str | Path, split: str, copy_im
     PNGs into a folder next to ``out`` named after it (``runs/x.jsonl`` -> ``runs/x/<id>.png``), and so
     are image files with ``copy_images`` (M3D-RefSeg's cached slices: the export then does not depend
     on the cache); those paths are relative to the JSONL's folder. Each line also has ``split``, so the
-    exports of three splits can be concatenated into one file.
+    exports of three splits can be concatenated into one file. Every file is written whole, the JSONL last:
+    an export cut off midway leaves no JSONL that refers to missing images.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     img_dir = out.with_suffix("")
-    with open(out, "w") as f:
-        for s in samples:
-            if isinstance(s.image, (str, Path)) and not copy_images:
-                image = str(Path(s.image).resolve())
-            else:
-                img_dir.mkdir(parents=True, exist_ok=True)
-                if isinstance(s.image, (str, Path)):
-                    shutil.copyfile(s.image, img_dir / f"{s.id}.png")
-                else:
-                    s.load_image().save(img_dir / f"{s.id}.png")
-                image = f"{img_dir.name}/{s.id}.png"
-            f.write(json.dumps({"image": image, "text": s.text, "box": [round(v, 2) for v in s.box],
-                                "width": s.width, "height": s.height, "category": s.category, "id": s.id,
-                                "split": split}) + "\n")
-    return out
+    lines = []
+    for s in samples:
+        if isinstance(s.image, (str, Path)) and not copy_images:
+            image = str(Path(s.image).resolve())
+        else:
+            img_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_path(img_dir / f"{s.id}.png") as tmp:
+                shutil.copyfile(s.image, tmp) if isinstance(s.image, (str, Path)) else s.load_image().save(tmp)
+            image = f"{img_dir.name}/{s.id}.png"
+        lines.append(json.dumps({"image": image, "text": s.text, "box": [round(v, 2) for v in s.box],
+                                 "width": s.width, "height": s.height, "category": s.category, "id": s.id,
+                                 "split": split}) + "\n")
+    return write_text(out, "".join(lines))
 
 
 def main(argv=None):
@@ -283,6 +282,24 @@ def main(argv=None):
     p.add_argument("--show-path", default="samples.png", help="where --show writes its PNG")
     p.add_argument("--export", default=None, metavar="OUT.jsonl", help="write the generic JSONL format")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: expected at least 1")
+    if args.show < 0:
+        p.error(f"--show {args.show}: expected 0 or more")
+    for option, value in (("--seed", args.seed), ("--split-seed", args.split_seed)):
+        if not 0 <= value < 2**32:
+            p.error(f"{option} {value}: expected 0 or more and below 2**32")
+    # Outputs never go into a folder the data is read from, nor over the annotation file itself; checked
+    # before the data loads.
+    reads = {"--data-root": args.data_root, "--image-root": args.image_root}
+    try:
+        for option, path in (("--export", args.export), ("--show-path", args.show and args.show_path)):
+            if path:
+                if any(Path(path).resolve() == Path(r).resolve() for r in reads.values() if r):
+                    raise InputError(f"{option} {path} is an input of this command: it would be written over")
+                check_output(Path(path).parent, reads, option=option)  # (--export's images folder lies in it too)
+    except InputError as e:
+        p.error(str(e))
 
     try:
         ds = load_dataset(args.dataset, args.split, data_root=args.data_root, image_root=args.image_root,

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from grpo_min.boxes import Box, from_model_frame, iou, parse_answer, summarize_ious
+from grpo_min.files import InputError, atomic_path, brief, check_output, write_text
 from grpo_min.prompts import encode_prompts, load_template
 from grpo_min.rollout import generate_completions
 
@@ -176,8 +177,11 @@ def metrics_of(rows: list[dict]) -> dict:
 def as_box(value) -> Box | None:
     """A ground-truth box from how files write it: [x1, y1, x2, y2], [[...]], {"bbox_2d": [...]}, or text.
 
-    >>> as_box([[10, 20, 30, 40]]), as_box({"bbox_2d": [1, 2, 3, 4]}), as_box("[5, 6, 7, 8]")
-    ((10.0, 20.0, 30.0, 40.0), (1.0, 2.0, 3.0, 4.0), (5.0, 6.0, 7.0, 8.0))
+    Corners are ordered (min x, min y, max x, max y) whichever way the box is written, as ``parse_answer``
+    orders a box in text; a number that is not finite (or too large for a float) makes it no box.
+
+    >>> as_box([[10, 20, 30, 40]]), as_box({"bbox_2d": [1, 2, 3, 4]}), as_box("[5, 6, 7, 8]"), as_box([30, 40, 10, 20])
+    ((10.0, 20.0, 30.0, 40.0), (1.0, 2.0, 3.0, 4.0), (5.0, 6.0, 7.0, 8.0), (10.0, 20.0, 30.0, 40.0))
     """
     if isinstance(value, str):
         return parse_answer(value)
@@ -185,10 +189,20 @@ def as_box(value) -> Box | None:
         return next((as_box(value[k]) for k in ("bbox_2d", "bbox", "box") if k in value), None)
     if isinstance(value, (list, tuple)) and len(value) == 1:
         return as_box(value[0])
-    if (isinstance(value, (list, tuple)) and len(value) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
-        return tuple(float(v) for v in value)
+    if isinstance(value, (list, tuple)) and len(value) == 4 and all(_finite(v) for v in value):
+        x1, y1, x2, y2 = (float(v) for v in value)
+        return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
     return None
+
+
+def _finite(v) -> bool:
+    """A JSON number that is a finite float (a 400-digit integer is not: it overflows)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def row_from_record(record: dict, index: int) -> dict:
@@ -198,8 +212,10 @@ def row_from_record(record: dict, index: int) -> dict:
     gt_key = next((k for k in ("ground_truth", "solution") if k in record), None)
     truth = as_box(record[gt_key]) if gt_key else None
     if truth is None:
-        raise ValueError(f"record {index}: no ground-truth box (expected 'ground_truth': [x1, y1, x2, y2]), "
-                         f"got keys {sorted(record)}")
+        raise ValueError(f"record {index}: no ground-truth box (expected 'ground_truth': [x1, y1, x2, y2] of finite "
+                         f"numbers), got {gt_key and json.dumps(record[gt_key])[:80] or f'keys {sorted(record)[:8]}'}")
+    if truth[2] <= truth[0] or truth[3] <= truth[1]:
+        raise ValueError(f"record {index}: the ground-truth box {list(truth)} has zero area")
     output = record.get("model_output", record.get("output"))
     if "box" in record:  # ours: the box was already parsed and mapped to original pixels
         box = as_box(record["box"]) if record["box"] is not None else None
@@ -220,9 +236,14 @@ def load_predictions(path: str | Path) -> tuple[list[dict], str]:
       original pixels; the IoU is recomputed from them. Rows with an ``output`` / ``model_output``
       but no ``box`` are parsed like the log.
     """
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
     except json.JSONDecodeError:
         data = None
     if isinstance(data, dict) and isinstance(data.get("results"), list):
@@ -238,11 +259,16 @@ def load_predictions(path: str | Path) -> tuple[list[dict], str]:
                 if line.strip():
                     try:
                         records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}, line {number}: not JSON ({e})") from None
+                    except (json.JSONDecodeError, RecursionError) as e:
+                        raise ValueError(f"{path}, line {number}: not JSON ({brief(e)})") from None
         mine = bool(records) and isinstance(records[0], dict) and "box" in records[0]
         kind += " of grpo_min predictions (boxes in original pixels)" if mine else " of raw outputs (parsed here)"
-    return [row_from_record(r, i) for i, r in enumerate(records)], kind
+    if not records:  # nothing to score: a table of zeros would read as a result
+        raise ValueError(f"{path}: no prediction records")
+    try:
+        return [row_from_record(r, i) for i, r in enumerate(records)], kind
+    except ValueError as e:
+        raise ValueError(f"{path}, {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,8 +303,7 @@ def compare_table(paths: list[str | Path], paper: str | None = None) -> str:
     """
     named = []
     for path in map(Path, paths):
-        metrics = json.loads(path.read_text())
-        metrics = metrics.get("after", metrics) if "n" not in metrics else metrics  # train.py's summary.json
+        metrics = _read_metrics(path)
         named.append((path.parent.name if path.name in ("metrics.json", "summary.json") else path.stem, metrics))
     settings = {(m.get("dataset"), m.get("split")) for _, m in named}
     if paper is None and len(settings) == 1:
@@ -293,6 +318,21 @@ def compare_table(paths: list[str | Path], paper: str | None = None) -> str:
 # ----------------------------------------------------------------------------------------------
 # Pictures (Pillow only)
 # ----------------------------------------------------------------------------------------------
+def _read_metrics(path: Path) -> dict:
+    """A metrics.json (evaluate.py) or summary.json (train.py: its "after"), or a ValueError naming the file."""
+    try:
+        metrics = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, cut off
+        raise ValueError(f"{path}: not a readable JSON file ({brief(e)})") from None
+    if isinstance(metrics, dict) and "n" not in metrics:
+        metrics = metrics.get("after", metrics)  # train.py's summary.json
+    numbers = [metrics.get(k) for k, _ in COLUMNS] if isinstance(metrics, dict) else [None]
+    if not all(v is None or _finite(v) for v in numbers) or not isinstance(metrics, dict):
+        raise ValueError(f"{path}: expected an object of numbers {', '.join(k for k, _ in COLUMNS)} (evaluate.py's "
+                         "metrics.json or train.py's summary.json)")
+    return metrics
+
+
 def hits_and_misses(rows: list[dict], n: int) -> list[int]:
     """Indices of up to n rows for a picture: the best and the worst IoUs, alternating.
 
@@ -315,6 +355,7 @@ def save_examples(samples, rows: list[dict], n: int, path: str | Path, cell: int
                      cell=cell, cols=cols)
     with Image.open(path) as grid:
         grid = grid.convert("RGB")
+        grid.load()
     draw = ImageDraw.Draw(grid)
     row_height = grid.height // max(1, math.ceil(len(picked) / cols))  # the cell plus draw_grid's caption
     for k, i in enumerate(picked):
@@ -322,7 +363,8 @@ def save_examples(samples, rows: list[dict], n: int, path: str | Path, cell: int
         label = f"IoU {rows[i]['iou']:.2f}" if rows[i]["box"] is not None else "no box"
         draw.rectangle([x, y, x + 62, y + 13], fill="black")
         draw.text((x + 3, y + 1), label, fill="white")
-    grid.save(path)
+    with atomic_path(path) as tmp:
+        grid.save(tmp)
     return Path(path)
 
 
@@ -337,10 +379,9 @@ def draw_prediction(image: Image.Image, box: Box | None, phrase: str, path: str 
         draw.rectangle(box, outline=PREDICTION, width=max(2, image.width // 250))
     answer = f"box [{', '.join(f'{v:.0f}' for v in box)}]" if box is not None else "no box in the answer"
     draw.multiline_text((4, image.height + size // 4), f"{phrase}\n{answer}", fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    with atomic_path(path) as tmp:
+        canvas.save(tmp)
+    return Path(path)
 
 
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
@@ -396,18 +437,39 @@ def _draw_panel(draw, area, title: str, series: dict[str, list[tuple[float, floa
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``RUN_DIR/metrics.jsonl``."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The records of ``RUN_DIR/metrics.jsonl``. Lines that are not a JSON object with a finite step (the line a
+    crash cuts off, a damaged byte) are skipped and counted; a file without any readable line is refused."""
+    path, records, bad = Path(run_dir) / "metrics.jsonl", [], []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except (ValueError, RecursionError):
+            record = {}
+        if record is None:
+            continue
+        if isinstance(record, dict) and _finite(record.get("step")):
+            records.append(record)
+        else:
+            bad.append(number)
+    if bad:
+        print(f"{path}: skipped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}"
+              f"{', ...' if len(bad) > 5 else ''}; a run cut off mid-write leaves its last line unfinished)")
+    if not records:
+        raise ValueError(f"{path}: no readable metrics line")
+    return records
 
 
 def metric_series(records: list[dict], key: str) -> list[tuple[int, float]]:
     """(step, value) of ``key``, sorted by step; a resumed run's repeated steps keep the last value."""
-    by_step = {r["step"]: r[key] for r in records if isinstance(r.get(key), (int, float)) and "step" in r}
+    by_step = {r["step"]: r[key] for r in records if _finite(r.get(key))}
     return sorted(by_step.items())
 
 
 def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
-    """Training curves from ``RUN_DIR/metrics.jsonl`` in one PNG (3 x 2 panels, 1440 x 640)."""
+    """Training curves from ``RUN_DIR/metrics.jsonl`` in one PNG (3 x 2 panels, 1440 x 640).
+
+    Lines that are not a JSON object with a step (the line a crash cuts off, a damaged byte) are skipped and
+    counted; a file without any readable line is refused."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     series = lambda key: metric_series(records, key)  # noqa: E731
@@ -422,18 +484,19 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
               ("completion length (tokens)", {"completion_length": series("completion_length")}),
               ("gradient norm (before clipping)", {"grad_norm": series("grad_norm")})]
     summary = run_dir / "summary.json"
-    if summary.exists() and records:  # the test split before and after GRPO, at step 0 and the last step
-        s, last = json.loads(summary.read_text()), max(r.get("step", 0) for r in records)
-        panels[3][1].update({f"test {name}": [(0, s["before"][key]), (last, s["after"][key])]
-                             for name, key in (("Acc@0.5", "acc@0.5"), ("mIoU", "miou"))})
+    if summary.exists():  # the test split before and after GRPO, at step 0 and the last step
+        s, last = _read_metrics(summary), max(r["step"] for r in records)
+        if all(isinstance(s.get(k), dict) and _finite(s[k].get(m)) for k in ("before", "after") for m in ("acc@0.5", "miou")):
+            panels[3][1].update({f"test {name}": [(0, s["before"][key]), (last, s["after"][key])]
+                                 for name, key in (("Acc@0.5", "acc@0.5"), ("mIoU", "miou"))})
     canvas = Image.new("RGB", (1440, 640), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
     for k, (title, data) in enumerate(panels):
         x, y = (k % 3) * 480, (k // 3) * 320
         _draw_panel(draw, (x, y, x + 480, y + 320), title, {n: s for n, s in data.items() if s}, font)
     path = Path(path) if path is not None else run_dir / "curves.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp)
     return path
 
 
@@ -482,13 +545,23 @@ def plot_variants(runs: dict[str, list[str | Path]], path: str | Path, bins: int
 # Command line
 # ----------------------------------------------------------------------------------------------
 def write_results(out: Path, rows: list[dict] | None, metrics: dict):
-    out.mkdir(parents=True, exist_ok=True)
+    """predictions.jsonl (unless None) and metrics.json, each written whole or not at all."""
     if rows is not None:
-        with open(out / "predictions.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     print(metrics_table(metrics))
     print(f"wrote {out / 'metrics.json'}" + (f" and {out / 'predictions.jsonl'}" if rows is not None else ""))
+
+
+def read_image(path: str) -> Image.Image:
+    """--image's picture as 8-bit RGB, or a ValueError naming the file."""
+    from data import to_rgb8
+
+    try:
+        with Image.open(path) as f:
+            return to_rgb8(f.copy())
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise ValueError(f"--image {path}: not a readable image ({brief(e)})") from None
 
 
 def usable_samples(args):
@@ -547,8 +620,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.image and not args.phrase:
         p.error("--image needs --phrase")
-    if args.limit is not None and args.limit < 1:
-        p.error(f"--limit {args.limit}: expected at least 1")
+    for option, value, ok, expected in (
+            ("--limit", args.limit, lambda v: v >= 1, "at least 1"),
+            ("--batch-size", args.batch_size, lambda v: v >= 1, "at least 1"),
+            ("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, "at least 1"),
+            ("--save-vis", args.save_vis, lambda v: v >= 0, "0 or more"),
+            ("--seed", args.seed, lambda v: 0 <= v < 2**32, "0 or more and below 2**32"),
+            ("--min-pixels", args.min_pixels, lambda v: v >= 1, "at least 1"),
+            ("--max-pixels", args.max_pixels, lambda v: v >= 56 * 56, "at least 3136 (56 x 56 pixels: one visual token)")):
+        if value is not None and not ok(value):
+            p.error(f"{option} {value}: expected {expected}")
     for option, files in (("--predictions", [args.predictions]), ("--compare", args.compare or []),
                           ("--image", [args.image]),
                           ("--plot-run", [args.plot_run and str(Path(args.plot_run) / "metrics.jsonl")])):
@@ -560,27 +641,38 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:  # an output folder refused, a model folder that does not load: the message says why
+        raise SystemExit(f"error: {e}")
+
+
+def run(args) -> int:
     out = Path(args.output_dir or (args.plot_run if args.plot_run else "runs/eval"))
+    # Checked before any file is read or model loaded: a folder the outputs cannot go to, or one the run reads
+    # (--output-dir MODEL would write over the model's files). --plot-run writes curves.png next to metrics.jsonl.
+    if not args.compare:
+        model = None if args.predictions or args.plot_run or args.model == "tiny" else args.model
+        check_output(out, {"--model": model, "--data-root": args.data_root, "--image-root": args.image_root})
 
     # ------------------------------------------------------------------ no model needed
-    if args.plot_run:
-        print("wrote", plot_run(args.plot_run, out / "curves.png"))
-        return 0
-    if args.compare:
-        print(compare_table(args.compare, args.paper))
-        return 0
-    if args.predictions:
-        try:
+    try:  # a malformed prediction, metrics or metrics.jsonl file: one line naming it
+        if args.plot_run:
+            print("wrote", plot_run(args.plot_run, out / "curves.png"))
+        elif args.compare:
+            print(compare_table(args.compare, args.paper))
+        elif args.predictions:
             rows, kind = load_predictions(args.predictions)
-        except ValueError as e:  # a malformed line: the message names it
-            raise SystemExit(f"error: {e}")
-        print(f"{args.predictions}: detected format: {kind}; {len(rows)} records")
-        same_file = (out / "predictions.jsonl").resolve() == Path(args.predictions).resolve()
-        write_results(out, None if same_file else rows, {"source": str(args.predictions), **metrics_of(rows)})
+            print(f"{args.predictions}: detected format: {kind}; {len(rows)} records")
+            same_file = (out / "predictions.jsonl").resolve() == Path(args.predictions).resolve()
+            write_results(out, None if same_file else rows, {"source": str(args.predictions), **metrics_of(rows)})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if args.plot_run or args.compare or args.predictions:
         return 0
 
     # ------------------------------------------------------------------ the model
-    from data import DATASETS, to_rgb8
+    from data import DATASETS
     from grpo_min.models import load_model, resolve_dtype, resolve_model_path
 
     if not args.image and args.dataset not in DATASETS:  # fail before loading a large model
@@ -589,7 +681,8 @@ def main(argv=None):
         template = load_template(args.template)
         samples = None if args.image else usable_samples(args)
         model_path = resolve_model_path(args.model, args.seed)
-    except (FileNotFoundError, ValueError) as e:
+        image = read_image(args.image) if args.image else None
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     max_pixels = args.max_pixels  # None: the processor's own, capped (grpo_min.models.DEFAULT_MAX_PIXELS)
@@ -597,8 +690,6 @@ def main(argv=None):
                                          min_pixels=args.min_pixels, max_pixels=max_pixels)
 
     if args.image:
-        with Image.open(args.image) as f:
-            image = to_rgb8(f.copy())
         [(text, box)] = decode_boxes(model, processor, [image], [args.phrase], [image.size], template, frame,
                                      args.max_new_tokens, device)
         print(f"answer:\n{text}\n")

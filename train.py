@@ -24,10 +24,11 @@ import rewards as R
 from data import DATASETS, load_splits, stream_indices
 from evaluate import evaluate_samples, metrics_of
 from grpo_min import dist
-from grpo_min.checkpoint import (CheckpointError, MetricsLog, Preemption, check_checkpoint, check_output_dir,
-                                 delete_outputs, find_resume_path, load_checkpoint, save_checkpoint, save_model,
-                                 warn_config_changes)
+from grpo_min.checkpoint import (MetricsLog, Preemption, check_output_dir, delete_outputs,
+                                 check_resumable, load_checkpoint, resume_checkpoint, save_checkpoint, save_model,
+                                 show_config_changes)
 from grpo_min.cli import banner, parse_options
+from grpo_min.files import InputError, check_output, write_json, write_text
 from grpo_min.lora import adapters_off
 from grpo_min.loss import (AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALES, TOKEN_SUM_LOSS_TYPES,
                            group_advantages, grpo_loss, needs_entropies)
@@ -126,7 +127,6 @@ class Config:
     # --- LoRA (names as in peft's LoraConfig) ---
     lora_r: int = opt(0, "LoRA rank: adapters on a frozen base, which is also the reference (0: off, full fine-tuning)")
     lora_alpha: float | None = opt(None, "LoRA scale: adapter outputs are multiplied by alpha / r (default: 2 x --lora-r)")
-    lora_dropout: float = opt(0.0, "dropout on the adapters' input (0 keeps the policy's log-probs deterministic)")
     lora_target_modules: str | None = opt(None, "comma-separated names of the Linear layers to adapt (default: the "
                                           "language model's q/k/v/o_proj and gate/up/down_proj; vision tower excluded)")
     lora_vision: bool = opt(False, "adapt the vision tower too (its attention's qkv and proj, and its MLP)")
@@ -283,7 +283,10 @@ def model_passes(cfg: Config, processor, device) -> ModelPasses:
 def main(argv=None):
     cfg = parse_config(argv)
     with Preemption() as preemption:
-        return train(cfg, preemption)
+        try:
+            return train(cfg, preemption)
+        except InputError as e:  # a refused input or output (model, scorer, checkpoint, folder): the message says why
+            raise SystemExit(f"error: {e}")
 
 
 def train(cfg: Config, preemption: Preemption):
@@ -291,28 +294,35 @@ def train(cfg: Config, preemption: Preemption):
     device = dist.setup()
     torch.manual_seed(cfg.seed + dist.rank())
     out = Path(cfg.output_dir)
-    try:
-        template = load_template(cfg.template)
-        check_report_to(cfg.report_to)  # a missing package is named now, not after the first evaluation
-    except (FileNotFoundError, ValueError, ModuleNotFoundError) as e:  # the last: --report-to's package
-        raise SystemExit(f"error: {e}")
-    resume_path = find_resume_path(cfg.resume, out) if cfg.resume else None
-    resume_state = check_checkpoint(resume_path) if resume_path is not None else None  # its trainer_state.json
+    template = load_template(cfg.template)  # (checked when the options were parsed)
+    check_report_to(cfg.report_to)  # its package, named before anything loads
+    # Never write into a folder the run reads (--output-dir M would put config.json over the model's), nor
+    # into one that cannot be written: both refused before anything loads.
+    check_output(out, {"--model": None if cfg.model == "tiny" else cfg.model, "--data-root": cfg.data_root,
+                       "--image-root": cfg.image_root, "--resume": None if cfg.resume == "auto" else cfg.resume,
+                       "--semantic-model": None if cfg.semantic_model in ("auto", "none") else cfg.semantic_model})
+    resume_path, resume_state = resume_checkpoint(cfg.resume, out) if cfg.resume else (None, None)
     if resume_path is None and cfg.resume == "auto":
         dist.print0(f"--resume auto: no complete checkpoint in {out}; starting from the beginning")
+    if resume_state is not None:  # a changed set of trained parameters: refused before anything loads
+        check_resumable(resume_state["config"], asdict(cfg), resume_path)
 
     # ------------------------------------------------------------------ data, then models
     # The data first: a mistake there is named in seconds, before any model is built, downloaded or loaded.
     train_set, val_set, test_set = load_splits(cfg.dataset, data_root=cfg.data_root, image_root=cfg.image_root,
                                                seed=cfg.seed, need_val=cfg.eval_steps > 0)
-    try:
-        semantic_path = scorer_path(cfg.semantic_model, cfg.dataset, cfg.semantic_weight)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}")
-    try:
-        model_path = dist.on_main_first(lambda: resolve_model_path(cfg.model, cfg.seed))
-    except (FileNotFoundError, ValueError) as e:  # no such folder, or a model family that is not supported
-        raise SystemExit(f"error: {e}")
+    mu, per_rollout = cfg.num_iterations, cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
+    origin = (0, 0)  # (step, training-prompt position) the run starts from; a resumed run's comes from its checkpoint
+    if resume_state is not None:
+        origin = (resume_state["step"], resume_state.get("data_position", resume_state["step"] * per_rollout))
+    # By epochs: the prompts left to see, in rollouts of this run's size (which may differ from the checkpoint's).
+    total_steps = cfg.max_steps if cfg.max_steps is not None else origin[0] + mu * math.ceil(
+        (cfg.num_train_epochs * len(train_set) - origin[1]) / per_rollout)
+    if origin[0] > total_steps:  # (equal: a run cut off after its last checkpoint; it evaluates and saves final/)
+        raise InputError(f"{resume_path} is at step {origin[0]}, past the end of this run ({total_steps} steps): "
+                         "nothing would train; raise --max-steps or --num-train-epochs")
+    semantic_path = scorer_path(cfg.semantic_model, cfg.dataset, cfg.semantic_weight)
+    model_path = dist.on_main_first(lambda: resolve_model_path(cfg.model, cfg.seed))  # a folder that loads
     # An earlier run in --output-dir: refused, or (--overwrite) deleted once every input has been checked.
     earlier_run = check_output_dir(out, resume_path, resume_state and resume_state["step"], overwrite=cfg.overwrite,
                                    resume_auto=cfg.resume == "auto",
@@ -321,10 +331,7 @@ def train(cfg: Config, preemption: Preemption):
         dist.on_main_first(lambda: build_scorer(semantic_path)), device=device, dtype=resolve_dtype(cfg.dtype, device))
     # Resuming loads the policy from the checkpoint (LoRA: the adapter; the base from --model). The reference is the
     # starting model (LoRA: the policy, adapters off) and computes exactly as the policy does: the KL starts at 0.
-    try:
-        policy, processor, frame = load_policy(model_path, cfg, device, resume_path)
-    except ValueError as e:  # LoRA targets that match no layer, a checkpoint of another kind of run
-        raise SystemExit(f"error: {e}")
+    policy, processor, frame = load_policy(model_path, cfg, device, resume_path)
     reference = load_reference(model_path, dtype=torch.float32, device=device) if cfg.beta and not cfg.lora_r else None
     reward = R.grounding_reward(R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
                                                spatial_kind=cfg.spatial_reward, semantic_on=cfg.semantic_on,
@@ -334,14 +341,7 @@ def train(cfg: Config, preemption: Preemption):
     delete_outputs(earlier_run)  # only now: a refused run leaves the folder as it was
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    mu, per_rollout = cfg.num_iterations, cfg.batch_size * cfg.gradient_accumulation_steps * dist.world_size()
-    origin = (0, 0)  # (step, training-prompt position) the run starts from; a resumed run's comes from its checkpoint
-    if resume_state is not None:
-        origin = (resume_state["step"], resume_state.get("data_position", resume_state["step"] * per_rollout))
-    # By epochs: the prompts left to see, in rollouts of this run's size (which may differ from the checkpoint's).
-    total_steps = cfg.max_steps if cfg.max_steps is not None else origin[0] + mu * math.ceil(
-        (cfg.num_train_epochs * len(train_set) - origin[1]) / per_rollout)
+        write_json(out / "config.json", asdict(cfg))
     policy = dist.wrap(policy, fsdp=cfg.fsdp)
     reference = dist.wrap(reference, fsdp=True) if reference is not None and cfg.fsdp else reference
     dist.print0(banner(cfg, model_path=model_path, policy=policy, frame=frame, splits=(train_set, val_set, test_set),
@@ -359,7 +359,7 @@ def train(cfg: Config, preemption: Preemption):
     step, bad_steps = 0, 0
     if resume_path is not None:
         state = load_checkpoint(resume_path, policy, optimizer, scheduler)
-        warn_config_changes(state["config"], asdict(cfg))
+        show_config_changes(state["config"], asdict(cfg), step=state["step"])
         step, before = state["step"], state["before"]
         dist.print0(f"resumed from {resume_path} at step {step} (training prompt {origin[1]})")
         if state.get("world_size") != dist.world_size():
@@ -418,7 +418,7 @@ def train(cfg: Config, preemption: Preemption):
     save_model(out / "final", policy, processor, base_model=model_path, merge=cfg.merge_lora)
     if dist.is_main():
         summary = {"before": before, "after": after, "wall_s": round(time.time() - t_start, 1)}
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_json(out / "summary.json", summary)
         print(f"after GRPO, test: {json.dumps(after)}")
         print(f"test acc@0.5 {before['acc@0.5']:.2f} -> {after['acc@0.5']:.2f}, miou {before['miou']:.2f} -> "
               f"{after['miou']:.2f} ({summary['wall_s']:.0f} s). Final model: {out / 'final'}")
@@ -461,10 +461,9 @@ def eval_metrics(rows: list[dict], out: Path, step: int, record: dict) -> dict:
     """The val metrics for the log line; rank 0 also writes a few answers and prints a line."""
     metrics = metrics_of(rows)
     if dist.is_main():
-        (out / "completions").mkdir(exist_ok=True)
-        with open(out / "completions" / f"step-{step:06d}.txt", "w") as f:
-            for row in rows[:8]:
-                f.write(f"{row['phrase']}  (truth {row['ground_truth']}, IoU {row['iou']:.2f})\n  {row['output']}\n\n")
+        write_text(out / "completions" / f"step-{step:06d}.txt", "".join(
+            f"{row['phrase']}  (truth {row['ground_truth']}, IoU {row['iou']:.2f})\n  {row['output']}\n\n"
+            for row in rows[:8]))
         tqdm.write(f"step {step}: val acc@0.5 {metrics['acc@0.5']:.2f}  miou {metrics['miou']:.2f}  "
                    f"reward {record['reward']:.3f}")
     return {"eval/acc@0.5": metrics["acc@0.5"], "eval/miou": metrics["miou"],
@@ -472,7 +471,4 @@ def eval_metrics(rows: list[dict], out: Path, step: int, record: dict) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CheckpointError as e:  # a refused checkpoint or output folder: the message says what to do
-        sys.exit(f"error: {e}")
+    sys.exit(main())

@@ -10,8 +10,10 @@
 * ``rng_state_rank<r>.pt``: every rank's torch (and CUDA) generator state, likewise;
 * ``trainer_state.json``: the step, the data position (the data order is a function of the step),
   the run's config and the metrics needed at the end;
-* ``COMPLETE``: written last. A checkpoint is first written under ``checkpoint-<step>.tmp`` and
-  renamed once complete, so a crash mid-write never leaves a folder that looks finished.
+* ``COMPLETE``: written last; it holds the SHA-256 of every other file. A checkpoint is first written
+  under ``checkpoint-<step>.tmp`` and renamed once complete, so a crash mid-write never leaves a folder
+  that looks finished, and a resume that finds a file changed since (flipped bytes, a truncated copy)
+  names it and falls back to the previous complete checkpoint (``resume_checkpoint``).
 
 Model and optimizer states go through ``torch.distributed.checkpoint.state_dict`` with full
 (unsharded) state dicts, so the same code serves one process, DDP and FSDP2. A LoRA run gathers and
@@ -19,8 +21,10 @@ saves its adapters only: the frozen base is the --model folder, never written ag
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import numbers
 import re
 import shutil
 import signal
@@ -32,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
 from grpo_min import dist, lora
+from grpo_min.files import InputError, atomic_folder, brief, write_text
 from grpo_min.metrics import Reporter
 from grpo_min.models import load_model
 
@@ -39,8 +44,8 @@ MARKER = "COMPLETE"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(InputError):
+    """A checkpoint or output folder the run refuses; the message says what to do."""
 
 
 def rng_state() -> dict:
@@ -80,7 +85,7 @@ def save_checkpoint(out_dir: Path, step: int, model, processor, optimizer, sched
                                                             "world_size": dist.world_size()}, indent=1))
     dist.barrier()
     if dist.is_main():
-        (tmp / MARKER).write_text("ok\n")
+        write_text(tmp / MARKER, json.dumps({"sha256": checksums(tmp)}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -102,14 +107,15 @@ def save_model(folder: Path, model, processor, base_model: str | Path | None = N
     """
     state = gather_model_state(model)
     if dist.is_main():
-        if merge:
-            with tempfile.TemporaryDirectory() as adapter:
-                write_model(adapter, model, state, base_model)
-                merged, _, _ = load_model(adapter, merge_adapter=True)  # float32, on the CPU
-            merged.save_pretrained(folder)
-        else:
-            write_model(folder, model, state, base_model)
-        processor.save_pretrained(folder)
+        with atomic_folder(folder) as tmp:  # whole or not at all: never a config.json without its weights
+            if merge:
+                with tempfile.TemporaryDirectory() as adapter:
+                    write_model(adapter, model, state, base_model)
+                    merged, _, _ = load_model(adapter, merge_adapter=True)  # float32, on the CPU
+                merged.save_pretrained(tmp)
+            else:
+                write_model(tmp, model, state, base_model)
+            processor.save_pretrained(tmp)
     dist.barrier()
 
 
@@ -190,43 +196,95 @@ def delete_outputs(paths: list[Path]):
     dist.barrier()
 
 
-def find_resume_path(resume: str, out_dir: Path) -> Path | None:
-    """``auto``: the latest complete checkpoint in ``out_dir`` (None if there is none); else a path."""
-    if resume == "auto":
-        found = complete_checkpoints(out_dir)
-        return found[-1] if found else None
-    return Path(resume)
+def resume_checkpoint(resume: str, out_dir: Path) -> tuple[Path | None, dict | None]:
+    """(checkpoint folder, its validated trainer state) to resume from; (None, None) for ``auto`` in a folder
+    without a complete checkpoint.
+
+    ``auto``: the latest complete checkpoint of ``out_dir`` whose files match their checksums; one that does not
+    is named, set aside as ``checkpoint-<step>.corrupt`` (so that neither pruning nor a later ``auto`` picks it)
+    and the previous one is tried. A folder given by path is used as it is, or refused (``check_checkpoint``).
+    """
+    if resume != "auto":
+        return Path(resume), check_checkpoint(Path(resume))
+    found, rejected = complete_checkpoints(out_dir)[::-1], []
+    try:
+        for path in found:
+            try:
+                return path, check_checkpoint(path)
+            except CheckpointError as e:
+                if path == found[-1]:
+                    raise
+                rejected.append(path)
+                dist.print0(f"WARNING: {e}; falling back to the previous checkpoint")
+        return None, None
+    finally:
+        dist.barrier()  # every rank has read the checkpoints before rank 0 renames any
+        if dist.is_main():
+            for path in rejected:
+                path.rename(path.with_name(path.name + ".corrupt"))
+        dist.barrier()
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file of a checkpoint folder (but the marker), by relative path."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): _sha256(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != MARKER}
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and this rank's RNG; return the trainer state.
+    """Restore the optimizer's state, the schedule's position and this rank's RNG; return the trainer state.
+
+    The optimizer and scheduler keep this run's hyperparameters (learning rate, weight decay, schedule,
+    warm-up): only AdamW's moments and the step count come from the checkpoint, so an option changed on
+    resume takes effect (metrics.jsonl's lr shows it). A checkpoint that trained another set of parameters
+    (another --freeze-vision, other LoRA targets) is refused.
 
     The policy weights themselves are loaded earlier, by ``load_policy``: the checkpoint folder loaded as
     the model (``load_model(path)``, which lets transformers map its saved key names onto the live
     model), or with LoRA the base from --model and the checkpoint's adapter on it.
     """
     path = Path(path)
-    if not (path / MARKER).exists():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} file): it was probably cut off "
-                              "while being written. Use an earlier checkpoint-<step> folder.")
+    state = check_checkpoint(path)
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
         optim_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         sched_state = torch.load(path / "scheduler.pt", weights_only=True)
         rng_file = path / f"rng_state_rank{dist.rank()}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+        saved = {name for group in optim_state["param_groups"] for name in group["params"]}
+        last_epoch = int(sched_state["last_epoch"])
     except Exception as e:  # corrupt or truncated files: say which checkpoint, never half-load
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {brief(e)}") from e
+    trained = {name for name, p in dist.unwrap(model).named_parameters() if p.requires_grad}
+    if saved != trained:
+        raise CheckpointError(f"{path} trained {len(saved)} parameter tensors, this run trains {len(trained)} (e.g. "
+                              f"{sorted(saved ^ trained)[0]}): resume with the options that run had (its "
+                              "config.json), e.g. the same --freeze-vision and LoRA targets")
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     set_optimizer_state_dict(model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(sched_state)
+    for group, own in zip(optimizer.param_groups, configured):
+        group.update(own)
+    # The schedule is this run's (LambdaLR saves no lambda): only its position comes from the checkpoint.
+    scheduler.last_epoch = last_epoch
+    scheduler._last_lr = [base * factor(last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
     if rng is not None and state.get("world_size") == dist.world_size():
         set_rng_state(rng)
     return state
 
 
 def check_checkpoint(path: Path) -> dict:
-    """Refuse, with a clear message, a folder that is not a complete, readable checkpoint; else return
-    its trainer state (step, data position, config)."""
+    """Refuse, with a clear message, a folder that is not a complete, intact checkpoint; else return its
+    validated trainer state (step, data position, config)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"--resume {path}: no such checkpoint folder")
@@ -239,16 +297,61 @@ def check_checkpoint(path: Path) -> dict:
     from safetensors import safe_open
 
     try:
+        marker = (path / MARKER).read_text()
+        expected = json.loads(marker)["sha256"] if marker.strip() != "ok" else {}  # "ok": written before checksums
+        for name, digest in expected.items():
+            if not (path / name).is_file():
+                raise CheckpointError(f"checkpoint {path}: {name} is missing")
+            if _sha256(path / name) != digest:
+                raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (changed or damaged "
+                                      "since it was written)")
         files = sorted(path.glob("*.safetensors"))
         for f in files:
             with safe_open(f, "pt") as handle:
                 for key in handle.keys():
                     handle.get_slice(key)
-        state = json.loads((path / "trainer_state.json").read_text())
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {brief(e)}") from e
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors model weights")
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """Checkpoint ``path``'s trainer_state.json, validated, or a CheckpointError naming the file."""
+    file = Path(path) / "trainer_state.json"
+    try:
+        state = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # missing, not UTF-8, not JSON, cut off, nested too deeply
+        raise CheckpointError(f"{file}: not a readable JSON file ({brief(e)})") from None
+    return validate_trainer_state(state, path)
+
+
+def validate_trainer_state(state, path: Path) -> dict:
+    """The trainer state of checkpoint ``path``, or a CheckpointError naming the field that is wrong."""
+    where = f"{Path(path) / 'trainer_state.json'}"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(state).__name__}")
+    count = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    number = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    checks = {"step": (count, "a whole number of 0 or more", True),
+              "data_position": (count, "a whole number of 0 or more", False),
+              "world_size": (lambda v: count(v) and v >= 1, "a whole number of 1 or more", False),
+              "config": (lambda v: isinstance(v, dict), "an object (the run's options)", True),
+              "before": (lambda v: isinstance(v, dict) and all(number(v.get(k)) for k in ("acc@0.5", "miou")),
+                         "an object with the numbers acc@0.5 and miou", True)}
+    for key, (ok, expected, required) in checks.items():
+        if key not in state:
+            if required:
+                raise CheckpointError(f"{where}: no '{key}' (expected {expected})")
+            continue
+        if not ok(state[key]) or (key in ("step", "data_position") and state[key] < 0):
+            raise CheckpointError(f"{where}: '{key}' is {json.dumps(state[key])[:60]}, expected {expected}")
+    named = _NAME.match(Path(path).name)
+    if named and int(named.group(1)) != state["step"]:
+        raise CheckpointError(f"{where}: 'step' is {state['step']}, but the folder is {Path(path).name}")
     return state
 
 
@@ -289,15 +392,17 @@ class MetricsLog:
     (tensorboard, wandb) every line also goes there (``metrics.Reporter``). ``close()`` at the end of the run.
 
     A resumed run first drops the lines logged after its checkpoint (the steps it is about to redo); a
-    line cut off by a crash counts as after any checkpoint.
+    line cut off by a crash counts as after any checkpoint. That rewrite goes to a temporary file renamed
+    over the old one: a failed write (full disk, kill) leaves the old file whole, never a shortened one.
     """
 
     def __init__(self, out_dir: Path, start_step: int, report_to: str = "none", config: dict | None = None):
         self.file, self.reporter = None, None
         if dist.is_main():
             path = Path(out_dir) / "metrics.jsonl"
-            lines = path.read_text().splitlines() if path.exists() else []
-            path.write_text("".join(line + "\n" for line in lines if _logged_step(line) <= start_step))
+            if path.exists():
+                lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+                write_text(path, "".join(line + "\n" for line in lines if _logged_step(line) <= start_step))
             self.file = open(path, "a")
             if report_to != "none":
                 self.reporter = Reporter(report_to, out_dir, start_step, config or {})
@@ -320,18 +425,31 @@ class MetricsLog:
 def _logged_step(line: str) -> float:
     """The step of a metrics.jsonl line; a line cut off by a crash counts as after any checkpoint."""
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError, RecursionError):
         return math.inf
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
 
 RESUME_MAY_CHANGE = {"resume", "overwrite", "output_dir", "max_steps", "num_train_epochs", "eval_steps", "eval_limit",
                      "save_steps", "save_total_limit"}
+# Options that decide which parameters train: the checkpoint's optimizer state holds those of its run only.
+TRAINED_SET = ("freeze_vision", "lora_r", "lora_alpha", "lora_target_modules", "lora_vision")
 
 
-def warn_config_changes(saved: dict, config: dict):
-    """Name every option a resumed run changed from its checkpoint's run (other than RESUME_MAY_CHANGE)."""
+def check_resumable(saved: dict, config: dict, path: Path):
+    """Refuse, before anything loads, a resume that would train another set of parameters than its checkpoint."""
+    changed = [f"--{k.replace('_', '-')} was {saved.get(k)!r}, now {config[k]!r}" for k in TRAINED_SET
+               if k in saved and saved[k] != config[k]]
+    if changed:
+        raise CheckpointError(f"{path} trained other parameters ({'; '.join(changed)}): resume with that run's "
+                              "values (its config.json), or start a new run from its weights with --model")
+
+
+def show_config_changes(saved: dict, config: dict, step: int):
+    """Name every option a resumed run changed from its checkpoint's run (other than RESUME_MAY_CHANGE): each
+    takes effect from the checkpoint's step on (those that cannot are refused by ``check_resumable``)."""
     changed = {k: (saved.get(k), v) for k, v in config.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
     if changed:
-        dist.print0("WARNING: resuming with a different configuration: " +
+        dist.print0(f"WARNING: resuming with a different configuration, which applies from step {step} on: " +
                     "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))

@@ -6,10 +6,12 @@ which values are refused before anything loads, and what the offline demo change
 from __future__ import annotations
 
 import argparse
+import math
 import textwrap
 from dataclasses import fields
 
 from grpo_min import dist
+from grpo_min.prompts import load_template
 
 # The demo preset: applied to the options the user did not set, for `--dataset synthetic --model tiny`
 # (the embedded default) only. Tuned for a tiny model on 2 CPU cores (docs/RESULTS.md): larger batches and
@@ -26,17 +28,23 @@ REAL_DATA_COMMAND = ("torchrun --nproc_per_node=8 train.py --dataset ms-cxr --da
                      "--model /path/to/Qwen2.5-VL-3B-Instruct")
 
 # Values that would crash a run much later, or silently train wrong (a negative clip norm flips the
-# gradient, a negative epsilon never reinforces a good completion): refused before anything loads.
+# gradient, a negative epsilon never reinforces a good completion, epsilon 1 or more makes the lower clip bound
+# 1 - epsilon zero or negative): refused before anything loads. Every float option must also be finite: an
+# infinite weight decay writes NaN weights, a NaN reward weight compares as neither too small nor too large.
 _AT_LEAST_1, _POSITIVE, _NON_NEGATIVE = ((lambda v: v >= 1, "at least 1"), (lambda v: v > 0, "a positive number"),
                                          (lambda v: v >= 0, "0 or more"))
 LIMITS = {
     "num_generations": (lambda v: v >= 2, "at least 2: a group of one has nothing to be relative to"),
     "batch_size": _AT_LEAST_1, "gradient_accumulation_steps": _AT_LEAST_1, "num_iterations": _AT_LEAST_1,
     "max_completion_length": _AT_LEAST_1, "max_bad_steps": _AT_LEAST_1, "eval_batch_size": _AT_LEAST_1,
-    "temperature": _POSITIVE, "epsilon": _POSITIVE, "epsilon_high": _POSITIVE, "learning_rate": _POSITIVE,
+    "temperature": _POSITIVE, "epsilon_high": _POSITIVE, "learning_rate": _POSITIVE,
     "num_train_epochs": _POSITIVE,
+    "epsilon": (lambda v: 0 < v < 1, "above 0 and below 1 (the ratio's lower bound is 1 - epsilon)"),
     "beta": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE,
-    "semantic_weight": _NON_NEGATIVE,
+    "semantic_weight": _NON_NEGATIVE, "format_weight": _NON_NEGATIVE, "spatial_weight": _NON_NEGATIVE,
+    "seed": (lambda v: 0 <= v < 2**32, "0 or more and below 2**32"),
+    "min_pixels": (lambda v: v >= 1, "at least 1"),
+    "max_pixels": (lambda v: v >= 56 * 56, "at least 3136 (56 x 56 pixels: one visual token)"),
     "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
     "max_steps": (lambda v: v >= 0, "0 (no GRPO) or more (leave it out to train --num-train-epochs)"),
     "save_steps": (lambda v: v >= 0, "0 (only on preemption) or more"),
@@ -44,7 +52,6 @@ LIMITS = {
     "eval_steps": (lambda v: v >= 0, "0 (never) or more"),
     "eval_limit": (lambda v: v >= 1, "at least 1 (leave it out to evaluate whole splits)"),
     "lora_r": (lambda v: v >= 0, "0 (off: full fine-tuning) or more"), "lora_alpha": _POSITIVE,
-    "lora_dropout": (lambda v: 0 <= v < 1, "0 or more and below 1"),
     "delta": (lambda v: v > 1, "above 1 (above 1 + epsilon_high to matter)"),
     "top_entropy_quantile": (lambda v: 0 < v <= 1, "above 0 and at most 1 (1: every token)"),
     "off_policy_mask_threshold": _NON_NEGATIVE, "entropy_coef": _NON_NEGATIVE,
@@ -52,7 +59,7 @@ LIMITS = {
     "vespo_k_neg": _NON_NEGATIVE, "vespo_lambda_pos": _POSITIVE, "vespo_lambda_neg": _POSITIVE,
 }
 # Options that shape the adapters: with LoRA off (--lora-r 0) they would silently do nothing.
-LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules", "lora_vision", "merge_lora")
+LORA_OPTIONS = ("lora_alpha", "lora_target_modules", "lora_vision", "merge_lora")
 # Loss options that act only with some --loss-type values (grpo_min/variants.py): elsewhere they would do nothing.
 LOSS_TYPE_OPTIONS = {"delta": ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"),
                      "sapo_temperature_pos": ("sapo",), "sapo_temperature_neg": ("sapo",),
@@ -100,10 +107,20 @@ def parse_options(config_class, argv=None, description: str = ""):
     if given.get("lora_r") and "learning_rate" in preset:
         preset["learning_rate"] = DEMO_LORA_LEARNING_RATE
     config = config_class(**{**preset, **given, "model": model})
+    for f in fields(config_class):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{flag(f.name)} {value}: expected a finite number")
     for name, (ok, expected) in LIMITS.items():
-        value = getattr(config, name)
+        value = getattr(config, name, None)
         if value is not None and not ok(value):
             parser.error(f"{flag(name)} {value}: expected {expected}")
+    if config.min_pixels is not None and config.max_pixels is not None and config.min_pixels > config.max_pixels:
+        parser.error(f"--min-pixels {config.min_pixels} is above --max-pixels {config.max_pixels}")
+    try:  # a template file that is missing, unreadable or lacks its {question} slot
+        load_template(config.template)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     if config.compile_generation and config.fsdp:
         parser.error("--compile-generation does not combine with --fsdp: FSDP gathers weights inside each forward, "
                      "which a CUDA graph cannot replay")
@@ -179,7 +196,7 @@ def banner(cfg, *, model_path, policy, frame: str, splits, semantic_path, total_
         ("output", cfg.output_dir),
     ]
     if cfg.lora_r:
-        lines.insert(1, ("LoRA", f"r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, dropout {cfg.lora_dropout:g} on "
+        lines.insert(1, ("LoRA", f"r {cfg.lora_r}, alpha {cfg.lora_alpha:g} on "
                                  f"{cfg.lora_target_modules or 'the language model projections'}"
                                  f"{' and the vision tower' if cfg.lora_vision else ''}; base in "
                                  f"{str(next(policy.parameters()).dtype).replace('torch.', '')}, "

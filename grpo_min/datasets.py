@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from grpo_min.boxes import Box
+from grpo_min.files import brief
 from grpo_min.sample import Sample
 
 SPLITS = ("train", "val", "test")
@@ -60,18 +61,55 @@ def _root(dataset: str, data_root: str | Path | None, expected: str) -> Path:
     if data_root is None:
         raise DatasetError(f"{dataset}: --data-root is required (the folder holding {expected}). "
                            f"Obtain the dataset from {WHERE_TO_GET[dataset]}.")
-    root = Path(data_root).expanduser()
+    root = _path(data_root, "--data-root")
     if not root.exists():
         raise _not_found(dataset, expected, [root], note=" (it does not exist)")
     return root
+
+
+def _path(path: str | Path, option: str) -> Path:
+    """A folder option as a Path, ``~`` expanded; a DatasetError for one that cannot name a file."""
+    try:
+        path = Path(path).expanduser()
+        path.exists()  # a NUL byte raises here, not later
+        return path
+    except (RuntimeError, ValueError, OSError) as e:  # ~nobody (no such user), a NUL byte, a name too long
+        raise DatasetError(f"{option} {str(path)!r}: not a usable path ({brief(e)})") from None
 
 
 def _read_json(file: Path, dataset: str):
     """A whole JSON annotation file; a DatasetError naming it when it cannot be decoded."""
     try:
         return json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{dataset}: {file} is not valid JSON ({e}); was it cut off while downloading?") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DatasetError(f"{dataset}: {file} is not valid JSON ({brief(e)}); was it cut off while "
+                           "downloading?") from None
+
+
+# What one row's garbage can raise besides _BadRow (a 400-digit number overflows a float, a NUL in a path is a
+# ValueError, '~nobody' a RuntimeError, a path too long an OSError): the row is skipped and counted, never the load.
+ROW_ERRORS = (ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError, RecursionError,
+              RuntimeError, OSError)
+
+
+def _bad_row(e: Exception) -> "_BadRow":
+    """``e`` as a _BadRow: itself, or "malformed entry" with its type and message."""
+    return e if isinstance(e, _BadRow) else _BadRow("malformed entry", brief(e))
+
+
+def _utf8(*values) -> None:
+    """A _BadRow when a text field holds a lone surrogate: a byte that is not UTF-8 (read with
+    errors="surrogateescape"), or a JSON escape such as "\\udcff"; such a string cannot even be printed."""
+    for v in values:
+        if isinstance(v, str) and any("\ud800" <= ch <= "\udfff" for ch in v):
+            raise _BadRow("not UTF-8 text", repr(v.encode("utf-8", "surrogateescape")[:60]))
+
+
+def _text_lines(file: Path):
+    """A CSV / JSONL file opened so that a byte that is not UTF-8 spoils its row only (see ``_utf8``), and a
+    field of any length reads (the csv module's default limit of 128 KiB would stop the whole file)."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    return open(file, newline="", encoding="utf-8-sig", errors="surrogateescape")
 
 
 class _BadRow(ValueError):
@@ -168,7 +206,8 @@ def _phrase(value, name: str) -> str:
     grpo_min.datasets._BadRow: malformed entry
     """
     if not isinstance(value, str):  # JSON null or a list would otherwise become the phrase 'None' / "['a']"
-        raise _BadRow("malformed entry", f"{name}={value!r}, expected a string")
+        raise _BadRow("malformed entry", f"{name}={str(value)[:60]!r}, expected a string")
+    _utf8(value)
     if not value.strip():
         raise _BadRow("empty phrase", name)
     return value.strip()
@@ -180,10 +219,10 @@ def _number(value, name: str) -> float:
         raise _BadRow("unparseable number", f"{name}={value!r}")
     try:
         v = float(value)
-    except (TypeError, ValueError):
-        raise _BadRow("unparseable number", f"{name}={value!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of hundreds of digits
+        raise _BadRow("unparseable number", f"{name}={str(value)[:40]!r}") from None
     if not math.isfinite(v):
-        raise _BadRow("unparseable number", f"{name}={value!r}")
+        raise _BadRow("unparseable number", f"{name}={str(value)[:40]!r}")
     return v
 
 
@@ -231,6 +270,7 @@ def _resolve_image(rel: str, roots: Sequence[Path]) -> Path:
     """Where the image listed as ``rel`` is: the first existing ``root/rel``, trying ``rel`` with and
     without a leading ``files/`` (MIMIC-CXR-JPG roots are kept both ways). When none exists, the first
     candidate: check_images() then reports it as missing, with the path it expected."""
+    _utf8(rel)
     if Path(rel).is_absolute():
         return Path(rel)
     rel = PurePosixPath(rel.replace("\\", "/")).as_posix()
@@ -341,7 +381,7 @@ def load_ms_cxr(split: str, data_root, image_root=None, *, split_seed: int = 0,
     file = root if root.is_file() else next((root / n for n in MS_CXR_FILES if (root / n).is_file()), None)
     if file is None:
         raise _not_found("ms-cxr", " or ".join(MS_CXR_FILES), [root])
-    roots = [Path(image_root).expanduser() if image_root else file.parent]
+    roots = [_path(image_root, "--image-root") if image_root else file.parent]
     skipped, bad = SkipReport(), []
     rows = (_ms_cxr_json_rows if file.suffix == ".json" else _ms_cxr_csv_rows)(file, roots, bad)
     rows = _rows_in_split(rows, split, split_seed, skipped, bad)
@@ -365,7 +405,7 @@ def _ms_cxr_row(where: str, path: str, text: str, category: str | None, xywh, si
 
 def _ms_cxr_csv_rows(file: Path, roots: list[Path], bad: list[_Skipped]) -> list[_Row]:
     rows, resolved = [], {}
-    with open(file, newline="", encoding="utf-8-sig") as f:
+    with _text_lines(file) as f:
         reader = csv.DictReader(f)
         missing = [c for c in MS_CXR_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -376,10 +416,12 @@ def _ms_cxr_csv_rows(file: Path, roots: list[Path], bad: list[_Skipped]) -> list
             try:
                 if any(raw.get(c) is None for c in MS_CXR_COLUMNS):
                     raise _BadRow("missing columns", f"{sum(v is not None for v in raw.values())} fields")
+                _utf8(*raw.values())
                 rows.append(_ms_cxr_row(where, raw["path"], raw["label_text"], raw["category_name"],
                                         [raw[c] for c in "xywh"], (raw["image_width"], raw["image_height"]),
                                         raw.get("split"), roots, resolved))
-            except _BadRow as e:
+            except ROW_ERRORS as e:
+                e = _bad_row(e)
                 bad.append(_Skipped(_own_split(raw), e.reason, where, e.detail))
     return rows
 
@@ -413,7 +455,8 @@ def _ms_cxr_json_rows(file: Path, roots: list[Path], bad: list[_Skipped]) -> lis
             rows.append(_ms_cxr_row(where, path, label, category,
                                     bbox, (image.get("width"), image.get("height")),
                                     ann.get("split", image.get("split")), roots, resolved))
-        except _BadRow as e:
+        except ROW_ERRORS as e:
+            e = _bad_row(e)
             bad.append(_Skipped(_own_split(ann) or _own_split(image), e.reason, where, e.detail))
     return rows
 
@@ -467,7 +510,7 @@ def load_medrpg(split: str, data_root, image_root=None) -> SampleList:
     file = next((d / n for n in names for d in folders if (d / n).is_file()), None)
     if file is None:
         raise _not_found("medrpg", f"{names[0]} (MedRPG) or {names[1]} (MedGround-R1)", folders)
-    base = Path(image_root).expanduser() if image_root else root
+    base = _path(image_root, "--image-root") if image_root else root
     roots = [base / "ln_data" / "MS_CXR", base / "MS_CXR", base]
     skipped = SkipReport()
     rows = (_medrpg_pth_rows if file.suffix == ".pth" else _medrpg_json_rows)(file, roots, skipped)
@@ -494,7 +537,7 @@ def _medrpg_pth_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list
         entries = torch.load(file, weights_only=True)
     except Exception as e:  # an UnpicklingError names what was refused
         raise DatasetError(f"medrpg: {file} cannot be read with torch.load(weights_only=True) (only plain lists, "
-                           f"tuples, numbers and strings are accepted; nothing else is unpickled): {e}") from None
+                           f"tuples, numbers and strings are accepted; nothing else is unpickled): {brief(e)}") from None
     if not isinstance(entries, (list, tuple)):
         raise DatasetError(f"medrpg: {file} holds a {type(entries).__name__}, expected a list of entries "
                            f"(anno_id, image_id, category_id, img_file, (x, y, w, h), width, height, phrase)")
@@ -511,7 +554,8 @@ def _medrpg_pth_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list
             rows.append(_medrpg_row(where, f"medrpg-{anno_id}", img_file, (x, y, x + w, y + h), phrase,
                                     MEDRPG_CATEGORIES.get(int(category_id)) if isinstance(category_id, int) else None,
                                     roots, resolved))
-        except _BadRow as e:
+        except ROW_ERRORS as e:
+            e = _bad_row(e)
             skipped.add(e.reason, where, e.detail)
     return rows
 
@@ -533,7 +577,8 @@ def _medrpg_json_rows(file: Path, roots: list[Path], skipped: SkipReport) -> lis
                 raise _BadRow("missing columns", "solution is not [x1, y1, x2, y2]")
             rows.append(_medrpg_row(where, f"{file.stem}-{k}", entry["image"], box,
                                     phrase_from_question(_phrase(entry["problem"], "problem")), None, roots, resolved))
-        except _BadRow as e:
+        except ROW_ERRORS as e:
+            e = _bad_row(e)
             skipped.add(e.reason, where, e.detail)
     return rows
 
@@ -564,9 +609,9 @@ def load_chestxray8(split: str, data_root, image_root=None, *, split_seed: int =
     file = root if root.is_file() else root / CHESTXRAY8_FILE
     if not file.is_file():
         raise _not_found("chestx-ray8", CHESTXRAY8_FILE, [root])
-    image_root = Path(image_root).expanduser() if image_root else file.parent
+    image_root = _path(image_root, "--image-root") if image_root else file.parent
     skipped, parsed, bad = SkipReport(), [], []
-    with open(file, newline="", encoding="utf-8-sig") as f:
+    with _text_lines(file) as f:
         reader = csv.reader(f)
         for fields in reader:
             where = f"{file.name} line {reader.line_num}"
@@ -575,11 +620,13 @@ def load_chestxray8(split: str, data_root, image_root=None, *, split_seed: int =
             try:
                 if len(fields) < 6 or not fields[0].strip() or not fields[1].strip():
                     raise _BadRow("missing columns", f"{len(fields)} fields")
+                _utf8(*fields[:6])
                 name, label = fields[0].strip(), fields[1].strip()
                 x, y, w, h = (_number(v, n) for v, n in zip(fields[2:6], "xywh"))
                 box = _checked_box(x, y, w, h, CHESTXRAY8_SIZE, CHESTXRAY8_SIZE)
                 parsed.append((where, name, label, box))
-            except _BadRow as e:
+            except ROW_ERRORS as e:
+                e = _bad_row(e)
                 bad.append(_Skipped(None, e.reason, where, e.detail))  # no split of its own: see _rows_in_split
     found = _find_files(image_root, {name for _, name, _, _ in parsed})
     rows = [_Row(image=found.get(name, image_root / "images" / name), text=CHESTXRAY8_PHRASES.get(label, label.lower()),
@@ -615,21 +662,25 @@ def load_jsonl(split: str, data_root, image_root=None, *, split_seed: int = 0) -
     if not file.is_file():
         raise _not_found("jsonl", f"{split}.jsonl (one file per split), or pass one .jsonl file whose lines have "
                                   f"a 'split' field as --data-root", [root])
-    base = Path(image_root).expanduser() if image_root else file.parent
+    base = _path(image_root, "--image-root") if image_root else file.parent
     skipped, rows, bad = SkipReport(), [], []
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(file, "rb") as f:  # line by line as bytes: a byte that is not UTF-8 spoils its line only
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{file.name} line {n}"
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.append(_Skipped(None, "not valid JSON", where, str(e)))
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                bad.append(_Skipped(None, "not UTF-8 text", where, str(e)))
+                continue
+            except (json.JSONDecodeError, RecursionError) as e:  # (RecursionError: nested too deeply)
+                bad.append(_Skipped(None, "not valid JSON", where, brief(e)))
                 continue
             try:
                 rows.append(_jsonl_row(rec, where, base, f"{file.stem}-{n}"))
-            except _BadRow as e:
+            except ROW_ERRORS as e:
+                e = _bad_row(e)
                 bad.append(_Skipped(_own_split(rec), e.reason, where, e.detail))
     if root.is_file():  # one file for every split: each bad row is reported by one split (see _rows_in_split)
         rows = _rows_in_split(rows, split, split_seed, skipped, bad)
@@ -644,7 +695,8 @@ def _jsonl_row(rec, where: str, base: Path, default_id: str) -> _Row:
         raise _BadRow("missing columns", "needs image, text, box")
     text = _phrase(rec["text"], "text")
     if not isinstance(rec["image"], str) or not rec["image"].strip():
-        raise _BadRow("malformed entry", f"image={rec['image']!r}, expected a path")
+        raise _BadRow("malformed entry", f"image={str(rec['image'])[:60]!r}, expected a path")
+    _utf8(rec["image"], rec.get("category"), rec.get("id"))
     if not isinstance(rec["box"], list) or len(rec["box"]) != 4:
         raise _BadRow("missing columns", "box is not [x1, y1, x2, y2]")
     x1, y1, x2, y2 = (_number(v, "box") for v in rec["box"])
@@ -654,8 +706,9 @@ def _jsonl_row(rec, where: str, base: Path, default_id: str) -> _Row:
         try:
             with Image.open(image) as im:  # reads the header only
                 width, height = im.size
-        except OSError:
-            raise _BadRow("image not found (and no width/height given)", str(image)) from None
+        except Exception as e:  # OSError, DecompressionBombError, ValueError (a NUL in the path)...
+            reason = "image not found" if isinstance(e, FileNotFoundError) else "image unreadable"
+            raise _BadRow(f"{reason} (and no width/height given)", f"{image}: {type(e).__name__}") from None
     else:
         width, height = _number(rec["width"], "width"), _number(rec["height"], "height")
     box = _checked_box(x1, y1, x2 - x1, y2 - y1, width, height)

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from grpo_min.files import InputError, read_json_object
+
 # Qwen2.5-VL (transformers 5) names them model.language_model.layers.N.self_attn.q_proj, ...mlp.down_proj.
 LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The vision blocks (model.visual.blocks.N) name their attention attn.qkv / attn.proj; their MLP
@@ -82,7 +84,7 @@ def add_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout
     A Linear is targeted when its name equals a ``target_modules`` entry or ends with ``.`` + one (peft's
     rule); by default the language model's attention and MLP projections, the vision tower left out (as
     EasyR1 does). ``include_vision`` adapts the tower too (by default its attention's qkv and proj too).
-    Keep ``lora_dropout`` at 0 for GRPO: a random mask would make the policy's log-probs noisy.
+    train.py turns every dropout off (``models.disable_dropout``): a random mask would make the log-probs noisy.
     """
     if target_modules is None:
         target_modules = list(LANGUAGE_TARGETS) + (list(VISION_TARGETS) if include_vision else [])
@@ -91,17 +93,17 @@ def add_lora(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout
 
 def _wrap(model, r, lora_alpha, lora_dropout, target_modules, exclude_modules) -> list[str]:
     if r < 1:
-        raise ValueError(f"LoRA rank r must be at least 1, got {r}")
+        raise InputError(f"LoRA rank r must be at least 1, got {r}")
     if lora_layers(model):
-        raise ValueError("the model already holds LoRA layers")
+        raise InputError("the model already holds LoRA layers")
     named = [(n, m) for n, m in model.named_modules() if not (exclude_modules and re.fullmatch(exclude_modules, n))]
     chosen = [(n, m) for n, m in named if any(n == t or n.endswith("." + t) for t in target_modules)]
     if not chosen:
         linears = [n for n, m in named if isinstance(m, nn.Linear)]
-        raise ValueError(f"target_modules {target_modules} match no nn.Linear of the model (excluded: {exclude_modules});"
+        raise InputError(f"target_modules {target_modules} match no nn.Linear of the model (excluded: {exclude_modules});"
                          f" its Linear layers end in {sorted({n.rpartition('.')[2] for n in linears})}, e.g. {linears[0]}")
     if others := [f"{n} ({type(m).__name__})" for n, m in chosen if type(m) is not nn.Linear]:
-        raise ValueError(f"target_modules {target_modules} match {others[:3]}: LoRA wraps only nn.Linear layers")
+        raise InputError(f"target_modules {target_modules} match {others[:3]}: LoRA wraps only nn.Linear layers")
     model.requires_grad_(False)
     for name, linear in chosen:
         parent, _, child = name.rpartition(".")
@@ -174,6 +176,16 @@ def is_adapter_folder(path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+def _read_config(folder: Path) -> dict:
+    """An adapter folder's adapter_config.json, its LoRA settings checked (InputError naming the file)."""
+    cfg = read_json_object(folder / CONFIG_FILE)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0  # noqa: E731
+    if not (isinstance(cfg.get("r"), int) and number(cfg["r"])) or not number(cfg.get("lora_alpha")):
+        raise InputError(f"{folder / CONFIG_FILE}: expected r (a whole number, 1 or more) and lora_alpha (a positive "
+                         f"number); got r={cfg.get('r')!r}, lora_alpha={cfg.get('lora_alpha')!r}")
+    return cfg
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, folder) -> nn.Module:
     """Load a saved adapter (ours or peft's) into ``model``, first wrapping it as the config says if
@@ -181,30 +193,30 @@ def load_adapter(model: nn.Module, folder) -> nn.Module:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = _read_config(folder)
     unsupported = {k: cfg.get(k) for k in ("use_rslora", "use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
                                            "modules_to_save", "layers_to_transform", "target_parameters") if cfg.get(k)}
     if cfg.get("peft_type") != "LORA" or cfg.get("bias", "none") != "none" or unsupported:
-        raise ValueError(f"{folder}: only plain LoRA adapters load here (peft_type LORA, bias none); this one has "
+        raise InputError(f"{folder}: only plain LoRA adapters load here (peft_type LORA, bias none); this one has "
                          f"peft_type={cfg.get('peft_type')!r} bias={cfg.get('bias')!r} {unsupported or ''}")
     if not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{folder}: no {WEIGHTS_FILE} (adapters in pickle files are not read)")
+        raise InputError(f"{folder}: no {WEIGHTS_FILE} (adapters in pickle files are not read)")
     if not lora_layers(model):
-        if not isinstance(cfg["target_modules"], list) or not isinstance(cfg.get("exclude_modules") or "", str):
-            raise ValueError(f"{folder}: expected target_modules as a list of names and exclude_modules as null or one "
-                             f"regex; got {cfg['target_modules']!r} and {cfg.get('exclude_modules')!r}")
+        if not isinstance(cfg.get("target_modules"), list) or not isinstance(cfg.get("exclude_modules") or "", str):
+            raise InputError(f"{folder}: expected target_modules as a list of names and exclude_modules as null or one "
+                             f"regex; got {cfg.get('target_modules')!r} and {cfg.get('exclude_modules')!r}")
         _wrap(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), cfg["target_modules"],
               cfg.get("exclude_modules"))
     settings = {(m.r, m.lora_alpha) for m in lora_layers(model).values()}
     if settings != {(cfg["r"], cfg["lora_alpha"])}:
-        raise ValueError(f"{folder}: r={cfg['r']}, lora_alpha={cfg['lora_alpha']}; the model's LoRA layers have "
+        raise InputError(f"{folder}: r={cfg['r']}, lora_alpha={cfg['lora_alpha']}; the model's LoRA layers have "
                          f"(r, lora_alpha) {sorted(settings)}")
     saved, own = load_file(folder / WEIGHTS_FILE), adapter_state_dict(model.state_dict())
     missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
     wrong = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
              if k in saved and saved[k].shape != v.shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{folder} does not fit this model: missing {missing[:3]} ({len(missing)}), unexpected "
+        raise InputError(f"{folder} does not fit this model: missing {missing[:3]} ({len(missing)}), unexpected "
                          f"{unexpected[:3]} ({len(unexpected)}), shapes (saved vs model) {wrong[:3]}")
     for k, v in own.items():
         v.copy_(saved[k])

@@ -6,13 +6,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from grpo_min.datasets import (WHERE_TO_GET, DatasetError, SampleList, SkipReport, _BadRow, _not_found, _number, _root,
-                               _short_hash, seeded_split)
+from grpo_min.datasets import (ROW_ERRORS, WHERE_TO_GET, DatasetError, SampleList, SkipReport, _bad_row, _BadRow,
+                               _not_found, _number, _path, _root, _short_hash, _text_lines, _utf8, seeded_split)
+from grpo_min.files import atomic_path, brief, write_text
 from grpo_min.sample import Sample, mask_box
 
 M3D_CSVS = {"train": "M3D_RefSeg_train.csv", "test": "M3D_RefSeg_test.csv", "all": "M3D_RefSeg_all.csv"}
@@ -71,7 +71,7 @@ def load_m3d_refseg(split: str, data_root, image_root=None, *, split_seed: int =
     else:
         raise _not_found("m3d-refseg", f"{M3D_CSVS['train']} and {M3D_CSVS['test']} (or {M3D_CSVS['all']})", [root])
 
-    base = Path(image_root).expanduser() if image_root else root
+    base = _path(image_root, "--image-root") if image_root else root
     if os.environ.get("GRPO_MIN_CACHE"):  # the same variable as the model cache (grpo_min/tiny.py)
         cache_base = Path(os.environ["GRPO_MIN_CACHE"]) / "m3d"
     else:
@@ -85,7 +85,8 @@ def load_m3d_refseg(split: str, data_root, image_root=None, *, split_seed: int =
             ct, mask = _m3d_volume_files(base, first)
             texts = _m3d_texts(ct.parent / "text.json")
             slices = _m3d_case_slices(ct, mask, ids, cache / case)
-        except _BadRow as e:
+        except ROW_ERRORS as e:
+            e = _bad_row(e)
             for i in ids:
                 skipped.add(e.reason, regions[(case, i)].where, e.detail)
             continue
@@ -95,6 +96,8 @@ def load_m3d_refseg(split: str, data_root, image_root=None, *, split_seed: int =
                 skipped.add(found, where, f"{case} id {i}")
             elif str(i) not in texts:
                 skipped.add("region id not in text.json", where, f"{case} id {i}")
+            elif texts[str(i)] is None:
+                skipped.add("empty phrase", where, f"{case} id {i}: text.json's description is empty or not text")
             else:
                 samples.append(Sample(id=f"{case}-{i}", image=found["image"], text=texts[str(i)],
                                       box=tuple(found["box"]), width=found["width"], height=found["height"]))
@@ -111,7 +114,7 @@ class _Region:
 def _m3d_regions(file: Path, skipped: SkipReport) -> dict[tuple[str, int], _Region]:
     """(case, Mask_ID) -> where its volumes are; the question paraphrases of a region count once."""
     regions: dict[tuple[str, int], _Region] = {}
-    with open(file, newline="", encoding="utf-8-sig") as f:
+    with _text_lines(file) as f:
         reader = csv.DictReader(f)
         missing = [c for c in M3D_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -123,13 +126,15 @@ def _m3d_regions(file: Path, skipped: SkipReport) -> dict[tuple[str, int], _Regi
             try:
                 if any(not (raw.get(c) or "").strip() for c in M3D_COLUMNS):
                     raise _BadRow("missing columns")
+                _utf8(*(raw[c] for c in M3D_COLUMNS))
                 mask_id = _number(raw["Mask_ID"], "Mask_ID")
                 if mask_id != int(mask_id) or mask_id <= 0:
                     raise _BadRow("unparseable number", f"Mask_ID={raw['Mask_ID']!r}")
                 image = raw["Image"].strip().replace("\\", "/")
                 regions.setdefault((PurePosixPath(image).parent.name, int(mask_id)),
                                    _Region(image, raw["Mask"].strip().replace("\\", "/"), where))
-            except _BadRow as e:
+            except ROW_ERRORS as e:
+                e = _bad_row(e)
                 skipped.add(e.reason, where, e.detail)
     return regions
 
@@ -145,17 +150,19 @@ def _m3d_volume_files(base: Path, region: _Region) -> tuple[Path, Path]:
     raise _BadRow("volume not found", f"{region.image} below {base} or {base / 'M3D_RefSeg'}")
 
 
-def _m3d_texts(file: Path) -> dict[str, str]:
-    """text.json: region id (a string) -> English description."""
+def _m3d_texts(file: Path) -> dict[str, str | None]:
+    """text.json: region id (a string) -> English description (None where it is empty or not text: "" or null
+    must not become the phrases "" and "None")."""
     if not file.is_file():
         raise _BadRow("text.json not found", str(file))
     try:
         texts = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _BadRow("text.json unreadable", f"{file}: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _BadRow("text.json unreadable", f"{file}: {brief(e)}") from None
     if not isinstance(texts, dict):
         raise _BadRow("text.json unreadable", f"{file}: a {type(texts).__name__}, expected {{region id: text}}")
-    return {str(k): (v[0] if isinstance(v, list) and v else str(v)).strip() for k, v in texts.items()}
+    first = {str(k): v[0] if isinstance(v, list) and v else v for k, v in texts.items()}
+    return {k: v.strip() if isinstance(v, str) and v.strip() else None for k, v in first.items()}
 
 
 def _three_d(volume: np.ndarray, path: Path) -> np.ndarray:
@@ -182,7 +189,7 @@ def _read_volumes(ct: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
             try:
                 volume = np.load(path)  # allow_pickle stays False: only plain arrays
             except (OSError, ValueError) as e:
-                raise _BadRow("volume unreadable", f"{path}: {type(e).__name__}: {e}") from None
+                raise _BadRow("volume unreadable", f"{path}: {brief(e)}") from None
             if volume.ndim < 3 or volume.size != int(np.prod(volume.shape[-3:])):
                 raise _BadRow("volume is not 3-D", f"{path}: shape {volume.shape}, expected (1, D, H, W)")
             volumes.append(volume.reshape(volume.shape[-3:]))
@@ -201,7 +208,7 @@ def _read_volumes(ct: Path, mask: Path) -> tuple[np.ndarray, np.ndarray]:
         except _BadRow:
             raise
         except Exception as e:  # nibabel raises several types for truncated or foreign files
-            raise _BadRow("volume unreadable", f"{path}: {type(e).__name__}: {e}") from None
+            raise _BadRow("volume unreadable", f"{path}: {brief(e)}") from None
         if to_ras is None:  # the CT's affine decides, for both
             to_ras = orientations.ornt_transform(orientations.io_orientation(image.affine),
                                                  orientations.axcodes2ornt("RAS"))
@@ -218,22 +225,17 @@ def _window(ct_slice: np.ndarray) -> np.ndarray:
     return (np.clip((ct_slice - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8)
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file, so a reader (another rank) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _m3d_case_slices(ct: Path, mask: Path, ids: list[int], out: Path) -> dict[int, dict | str]:
     """For each region id: its slice PNG, box and size (or why there is none), from the cache when fresh."""
     source = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in (ct, mask)}
     source["reader"] = 2  # bump when _read_volumes changes what it returns (2: the mask follows the CT's orientation)
     index_file, regions = out / "regions.json", {}
-    if index_file.is_file():
-        index = json.loads(index_file.read_text())
-        if index.get("source") == source:  # the volumes have not changed since
-            regions = index["regions"]
+    try:  # a cache damaged since it was written counts as stale: the slices are made again
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        if isinstance(index, dict) and index.get("source") == source and isinstance(index.get("regions"), dict):
+            regions = index["regions"]  # the volumes have not changed since
+    except (ValueError, RecursionError):
+        pass
 
     def cached(i: int) -> bool:
         found = regions.get(str(i))
@@ -255,9 +257,10 @@ def _m3d_case_slices(ct: Path, mask: Path, ids: list[int], out: Path) -> dict[in
             continue
         z = int(areas.argmax())  # the first of the largest
         png = out / f"{i}.png"
-        _write_atomic(png, lambda p: Image.fromarray(_window(volume[z])).save(p, format="PNG"))
+        with atomic_path(png) as tmp:  # a reader (another rank) never sees half a file
+            Image.fromarray(_window(volume[z])).save(tmp, format="PNG")
         rows, cols = region[z].shape
         regions[str(i)] = {"image": str(png), "box": list(mask_box(region[z])), "width": cols, "height": rows,
                            "slice": z}
-    _write_atomic(index_file, lambda p: p.write_text(json.dumps({"source": source, "regions": regions})))
+    write_text(index_file, json.dumps({"source": source, "regions": regions}))
     return {i: regions[str(i)] for i in ids}

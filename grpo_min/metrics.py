@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from grpo_min import dist
+from grpo_min.files import InputError
 
 
 def rollout_record(scores, rollouts, rewards: torch.Tensor, all_rewards: torch.Tensor, group_size: int,
@@ -115,11 +116,11 @@ REPORT_TO = ("none", "tensorboard", "wandb")  # --report-to, TRL's names; each n
 
 
 def check_report_to(kind: str):
-    """Raise ModuleNotFoundError, naming the package, when the one --report-to needs is not installed (train.py
+    """Refuse (InputError, one line naming the package) a --report-to whose package is not installed (train.py
     calls this before any model loads)."""
     if kind != "none" and importlib.util.find_spec(kind) is None:
-        raise ModuleNotFoundError(f"--report-to {kind} needs the '{kind}' package, which grpo_min does not install: "
-                                  f"pip install {kind}", name=kind)
+        raise InputError(f"--report-to {kind} needs the '{kind}' package, which grpo_min does not install: "
+                         f"pip install {kind}")
 
 
 class Reporter:

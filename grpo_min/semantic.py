@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from grpo_min.boxes import Box, clip_box, from_model_frame
+from grpo_min.files import InputError
 
 MIN_SIDE = 2.0  # pixels of the original image: a thinner box has no content to judge and scores 0
 MAX_CROP_SIDE = 512  # larger crops are shrunk first: dual encoders read 224-384 px, resizing costs time
@@ -80,14 +81,14 @@ def scorer_path(choice: str, dataset: str, weight: float = 1.0) -> str | None:
     """What ``--semantic-model`` means: a dual-encoder folder, "tiny" (the demo's scorer), or None (the reward off).
 
     "auto" is the tiny scorer on the synthetic data and off on real data: the tiny scorer has only seen
-    synthetic crops and must never judge real images. Raises FileNotFoundError for a folder that is not there.
+    synthetic crops and must never judge real images. Raises InputError for a folder that is not there.
     """
     if choice == "none" or weight == 0:
         return None
     if choice == "auto":
         return "tiny" if dataset == "synthetic" else None
     if not (Path(choice) / "config.json").is_file():
-        raise FileNotFoundError(f"--semantic-model {choice!r}: expected auto, none, or a local dual-encoder folder "
+        raise InputError(f"--semantic-model {choice!r}: expected auto, none, or a local dual-encoder folder "
                                 "with config.json (CLIP, SigLIP, ...; nothing is downloaded)")
     return choice
 

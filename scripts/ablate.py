@@ -264,7 +264,7 @@ def report(runs: list[Run], variants: list[tuple[str, list[str]]], seeds: list[i
         data["variants"].append({"name": name, "options": options, "runs": per_seed, **stats[name]})
     (out / "ablation.json").write_text(json.dumps(data, indent=1))
 
-    lines = [f"| variant | train.py options | n | " + " | ".join(f"test {t} gain" for _, t in METRICS) + " | " +
+    lines = ["| variant | train.py options | n | " + " | ".join(f"test {t} gain" for _, t in METRICS) + " | " +
              " | ".join(f"{t} after, vs {first}" for _, t in METRICS) + " |",
              "|---|---|---|" + "---|" * (2 * len(METRICS))]
     for v in data["variants"]:

@@ -426,11 +426,14 @@ def test_rewards_never_raise_and_count_failures():
 
 
 @pytest.mark.parametrize("option, value, expected", [
-    ("--max-grad-norm", "-1", "0 (no clipping) or more"), ("--epsilon", "-0.1", "a positive number"),
+    ("--max-grad-norm", "-1", "0 (no clipping) or more"), ("--epsilon", "-0.1", "above 0 and below 1"),
     ("--num-generations", "1", "at least 2"), ("--max-steps", "-1", "0 (no GRPO) or more"), ("--eval-steps", "-1", "0 (never)"),
     ("--batch-size", "0", "at least 1"), ("--temperature", "0", "a positive number"), ("--eval-limit", "0", "at least 1"),
     ("--lora-r", "-1", "0 (off: full fine-tuning) or more"), ("--lora-alpha", "0", "a positive number"),
-    ("--lora-dropout", "1", "0 or more and below 1"),
+    ("--weight-decay", "inf", "a finite number"), ("--format-weight", "nan", "a finite number"),
+    ("--spatial-weight", "-1", "0 or more"), ("--epsilon", "5", "above 0 and below 1"), ("--seed", "-1", "0 or more"),
+    ("--num-train-epochs", "inf", "a finite number"), ("--max-pixels", "0", "at least 3136"),
+    ("--min-pixels", "0", "at least 1"), ("--learning-rate", "inf", "a finite number"),
 ])
 def test_options_that_would_train_wrong_or_crash_later_are_refused_at_once(option, value, expected, capsys):
     import train

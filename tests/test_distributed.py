@@ -296,14 +296,14 @@ def test_corrupt_or_half_written_checkpoints_are_refused(straight1, tiny_model_d
     shutil.copytree(straight / "checkpoint-2", truncated)
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
-    for path, message in ((no_marker, "not a complete checkpoint"), (truncated, "cannot read checkpoint"),
+    for path, message in ((no_marker, "not a complete checkpoint"), (truncated, "model.safetensors does not match its checksum"),
                           (straight / "final", "not a checkpoint (train.py writes")):
         result = subprocess.run([sys.executable] + small_run(tiny_model_dir, tmp_path / "x", "--resume", str(path)),
                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     from grpo_min.checkpoint import complete_checkpoints
 
-    assert complete_checkpoints(tmp_path) == [truncated]  # marker present: only a full read catches it
+    assert complete_checkpoints(tmp_path) == [truncated]  # marker present: only its checksums catch it
     assert complete_checkpoints(straight) == [straight / "checkpoint-2", straight / "checkpoint-4"]
 
 
@@ -422,11 +422,13 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(lora, tiny_model_dir,
     assert max_diff(start, weights(out / "checkpoint-1")) == 0.0
 
 
-def test_resuming_with_other_options_warns_and_names_them(straight1, tiny_model_dir, tmp_path):
-    result = run(small_run(tiny_model_dir, tmp_path / "r", "--max-steps", "4", "--epsilon", "0.3",
-                           "--resume", str(straight1 / "checkpoint-4")))
-    assert "resuming with a different configuration" in result.stdout
-    assert "--epsilon was 0.2, now 0.3" in result.stdout and "--learning-rate" not in result.stdout
+def test_resuming_with_other_options_names_them_and_they_take_effect(straight1, tiny_model_dir, tmp_path):
+    """A changed learning rate reaches the optimizer and the schedule (metrics.jsonl's lr), not just the banner."""
+    result = run(small_run(tiny_model_dir, tmp_path / "r", "--max-steps", "3", "--epsilon", "0.3",
+                           "--learning-rate", "2e-3", "--resume", str(straight1 / "checkpoint-2")))
+    assert "resuming with a different configuration, which applies from step 2 on" in result.stdout
+    assert "--epsilon was 0.2, now 0.3" in result.stdout and "--learning-rate was 0.001, now 0.002" in result.stdout
+    assert [(l["step"], l["lr"]) for l in metrics(tmp_path / "r")] == [(3, 2e-3)]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

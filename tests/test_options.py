@@ -94,7 +94,7 @@ def test_the_banner_says_what_is_trained_and_which_rewards_are_on(tiny_model_dir
 
 @pytest.mark.parametrize("argv, expected", [
     (["--lora-alpha", "8"], "--lora-alpha: LoRA is off; add --lora-r R"),
-    (["--merge-lora", "--lora-dropout", "0.1"], "--lora-dropout, --merge-lora: LoRA is off"),
+    (["--merge-lora", "--lora-alpha", "8"], "--lora-alpha, --merge-lora: LoRA is off"),
     (["--lora-r", "8", "--lora-vision", "--freeze-vision"], "--freeze-vision keeps it unchanged: choose one"),
     (["--lora-r", "8", "--lora-target-modules", "q_proj,,v_proj"], "expected comma-separated module names"),
 ])
@@ -110,7 +110,7 @@ def test_lora_defaults_and_the_demo_preset(tiny_model_dir, tmp_path):
     import train
 
     cfg = train.parse_config(["--lora-r", "8", "--lora-target-modules", " q_proj, v_proj"])
-    assert (cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) == (16.0, 0.0, "q_proj,v_proj")
+    assert (cfg.lora_alpha, cfg.lora_target_modules) == (16.0, "q_proj,v_proj")
     assert cfg.freeze_vision  # the demo's frozen tower (the default LoRA targets leave it alone anyway) ...
     assert not train.parse_config(["--lora-r", "8", "--lora-vision"]).freeze_vision  # ... unless it gets adapters
     assert train.parse_config([]).lora_alpha is None  # LoRA off

@@ -58,7 +58,4 @@ _real_grpo_loss = train.grpo_loss
 if __name__ == "__main__":  # as train.py's own entry point
     rewards.score_completions = score_with_digits  # train.py calls it as R.score_completions
     train.grpo_loss = traced_loss
-    try:
-        sys.exit(train.main())
-    except train.CheckpointError as e:
-        sys.exit(f"error: {e}")
+    sys.exit(train.main())
