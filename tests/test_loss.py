@@ -385,7 +385,7 @@ def test_variant_goldens_exercise_each_option():
                        "entropy_coef=0.01"):
             assert cases[f"grpo-{level}-{off}-{option}"]["loss"] != cases[f"grpo-{level}-{off}-plain"]["loss"], option
         assert (cases[f"dapo-{level}-beta0.04-on_policy-use_bias_correction_kl=True"]["grad"]
-                != cases[f"dapo-{level}-beta0.04-on_policy-plain"]["grad"])  # on-policy: the value alike, not the gradient
+                != cases[f"dapo-{level}-beta0.04-on_policy-plain"]["grad"])  # on-policy: same value, other gradient
         assert cases[f"vespo-{level}-{off}-plain"]["trl_metrics"]["vespo/phi_seq_mean"] < 0.99
     assert cases[f"sapo-token-{on}-plain"]["loss"] != cases[f"sapo-token-{off}-plain"]["loss"]
 
