@@ -211,7 +211,8 @@ def check_options(loss_type, beta, ref_logps, importance_sampling_level, top_ent
     if not 0 < top_entropy_quantile <= 1:
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
     if (top_entropy_quantile < 1 or entropy_coef != 0) and entropies is None:
-        raise ValueError("top_entropy_quantile < 1 and entropy_coef != 0 need entropies= (B, T)")
+        raise ValueError("top_entropy_quantile < 1 or entropy_coef != 0 needs entropies= (B, T), the per-token "
+                         "entropies")
 
 
 def mean_stats(stats):
