@@ -132,7 +132,7 @@ def grpo_loss(logps, old_logps, advantages, mask, *, ref_logps=None, beta=0.0, e
     if loss_type in CLIPPED_LOSS_TYPES:
         clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)  # (B, T)  (3): clip(rho, ...)
         unclipped_ratio = ratio if delta is None else V.two_sided_ratio(ratio, delta)  # variant: INTELLECT-2
-        per_token_loss = -torch.min(unclipped_ratio * adv, clipped_ratio * adv)  # (B, T)  (3): -min(rho A, clip(rho) A)
+        per_token_loss = -torch.min(unclipped_ratio * adv, clipped_ratio * adv)  # (B, T)  (3): -min(rho A, clip A)
     elif loss_type == "cispo":  # variant: CISPO
         per_token_loss = V.cispo_loss(ratio, logps, adv, epsilon_high)  # (B, T)
     elif loss_type == "sapo":  # variant: SAPO
@@ -211,7 +211,8 @@ def check_options(loss_type, beta, ref_logps, importance_sampling_level, top_ent
     if not 0 < top_entropy_quantile <= 1:
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
     if (top_entropy_quantile < 1 or entropy_coef != 0) and entropies is None:
-        raise ValueError("top_entropy_quantile < 1 and entropy_coef != 0 need entropies= (B, T)")
+        raise ValueError("top_entropy_quantile < 1 or entropy_coef != 0 needs entropies= (B, T), the per-token "
+                         "entropies")
 
 
 def mean_stats(stats):

@@ -11,7 +11,7 @@ on its own, top to bottom, in about 15 lines. Importance ratio: ``sequence_log_r
 Per-token policy term, replacing -min(rho A, clip(rho) A): ``cispo_loss``, ``sapo_loss``, ``vespo_loss``;
 ``two_sided_ratio`` (INTELLECT-2) changes one factor of it. Which tokens count: ``off_policy_keep``
 (DeepSeek-V3.2), ``high_entropy_mask`` (top-entropy tokens). Aggregation: ``luspo_aggregate``.
-KL: ``bias_corrected_kl`` (DeepSeek-V3.2). Added term: ``entropy_bonus``.
+KL: ``bias_corrected_kl`` (DeepSeek-V3.2). Added term: ``entropy_bonus``. Advantages: ``normalize_then_sum`` (GDPO).
 """
 
 import math
@@ -70,7 +70,7 @@ def vespo_loss(log_ratio, logps, adv, mask, k_pos, k_neg, lambda_pos, lambda_neg
     """VESPO (arXiv 2602.10693): a smooth gamma weight of the whole sequence's ratio, no clipping.
 
     W      = exp(sum_t log rho_t)                         the sequence's ratio (a product, not GSPO's mean)
-    phi(W) = exp(lambda) W^k exp(-lambda W)               peaks at phi(1) = 1; (k, lambda) by the sign of A
+    phi(W) = exp(lambda) W^k exp(-lambda W)               phi(1) = 1, peak at W = k / lambda; (k, lambda) by sign(A)
     l_t    = -sg(phi(W)) A log pi_theta(o_t)              normalised like dapo
     phi shrinks the REINFORCE gradient of a sequence whose ratio drifted far from 1, either way. Computed
     in log space; log rho_t clamped to [-20, 20] and log W to [log 1e-8, 20], as the paper's code does.
@@ -119,7 +119,7 @@ def luspo_aggregate(masked_loss):
 
     grpo:   mean_i (1/|o_i|) sum_t l_it        every sequence weighs the same
     luspo:  mean_i           sum_t l_it        = mean_i |o_i| l_i with GSPO's per-sequence loss l_i
-    Under GSPO's sequence ratio, grpo's mean would favour short sequences; scaling by the length undoes it.
+    Each sequence then weighs by its length in the gradient, not equally as in grpo's mean over sequences.
     """
     return masked_loss.sum(dim=1).mean()
 

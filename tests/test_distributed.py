@@ -200,15 +200,18 @@ def test_ddp_ranks_agree_and_metrics_are_global(straight2):
     assert (straight2 / "checkpoint-2" / "rng_state_rank1.pt").exists()
 
 
-def test_batch_scaling_and_dapo_use_both_ranks_statistics(tiny_model_dir, tmp_path):
-    """--scale-rewards batch divides by the std of ALL ranks' rewards, and dapo normalises by ALL ranks' completion
-    tokens: each rank's loss must get the numbers computed from both ranks, not from its own half."""
+def test_batch_scaling_dapo_and_entropy_quantile_use_both_ranks_statistics(tiny_model_dir, tmp_path):
+    """--scale-rewards batch divides by the std of ALL ranks' rewards, dapo (cispo, vespo: the same code) normalises
+    by ALL ranks' completion tokens, --top-entropy-quantile takes its quantile over ALL ranks' tokens: each rank's
+    loss must get the numbers computed from both ranks, not from its own half. The logged statistics are
+    token-weighted over both ranks (which differ in tokens)."""
     from grpo_min.loss import group_advantages
 
     out, trace = tmp_path / "run", tmp_path / "trace"
-    run(small_run(tiny_model_dir, out, "--max-steps", "2", "--scale-rewards", "batch", "--loss-type", "dapo"),
-        nproc=2, env={"GRPO_MIN_TEST_TRACE": str(trace)})
+    run(small_run(tiny_model_dir, out, "--max-steps", "2", "--scale-rewards", "batch", "--loss-type", "dapo",
+                  "--top-entropy-quantile", "0.5"), nproc=2, env={"GRPO_MIN_TEST_TRACE": str(trace)})
     ranks = [[json.loads(l) for l in (trace / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    local_differs = False
     for step, line in enumerate(metrics(out)):
         rewards = [torch.tensor(r[2 * step]["rewards"]) for r in ranks]
         used = [r[2 * step + 1] for r in ranks]
@@ -221,28 +224,13 @@ def test_batch_scaling_and_dapo_use_both_ranks_statistics(tiny_model_dir, tmp_pa
             assert not torch.allclose(group_advantages(rewards[r], 4, scale="batch"), expected[r], atol=1e-4)
             # dapo: the global token count, per rank (DDP then averages the ranks' gradients)
             assert used[r]["num_items_in_batch"] == tokens / 2 != used[r]["tokens"]
-
-
-def test_entropy_quantile_token_count_and_statistics_span_both_ranks(tiny_model_dir, tmp_path):
-    """--top-entropy-quantile takes its quantile over ALL ranks' completion tokens, vespo (like dapo, cispo) normalises
-    by ALL ranks' tokens, and the logged statistics are token-weighted over both ranks (the ranks differ in tokens)."""
-    out, trace = tmp_path / "run", tmp_path / "trace"
-    run(small_run(tiny_model_dir, out, "--max-steps", "2", "--loss-type", "vespo", "--top-entropy-quantile", "0.5"),
-        nproc=2, env={"GRPO_MIN_TEST_TRACE": str(trace)})
-    ranks = [[json.loads(l) for l in (trace / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
-    local_differs = False
-    for step, line in enumerate(metrics(out)):
-        used = [r[2 * step + 1] for r in ranks]
         entropies = [torch.tensor(u["entropies"]).float() for u in used]
         threshold = torch.quantile(torch.cat(entropies), 0.5)  # over both ranks' tokens
-        tokens = used[0]["tokens"] + used[1]["tokens"]
-        assert used[0]["tokens"] != used[1]["tokens"]  # (so that a mean of the two ranks' means would show)
         for r in (0, 1):
             kept, count = used[r]["stats"]["entropy_kept"]
             assert count == used[r]["tokens"] and kept == (entropies[r] >= threshold).sum().item()
             local_differs |= kept != (entropies[r] >= torch.quantile(entropies[r], 0.5)).sum().item()
-            assert used[r]["num_items_in_batch"] == tokens / 2  # vespo: the global token count, per rank
-        for name in ("entropy_kept", "entropy", "kl"):  # sums over both ranks / tokens over both ranks
+        for name in ("entropy_kept", "entropy", "kl", "clip_fraction"):  # sums over both ranks / their tokens
             weighted = sum(u["stats"][name][0] for u in used) / sum(u["stats"][name][1] for u in used)
             assert line[name] == pytest.approx(weighted, rel=1e-6, abs=1e-9)
     assert local_differs  # one rank's own quantile would have kept other tokens

@@ -385,7 +385,7 @@ def test_variant_goldens_exercise_each_option():
                        "entropy_coef=0.01"):
             assert cases[f"grpo-{level}-{off}-{option}"]["loss"] != cases[f"grpo-{level}-{off}-plain"]["loss"], option
         assert (cases[f"dapo-{level}-beta0.04-on_policy-use_bias_correction_kl=True"]["grad"]
-                != cases[f"dapo-{level}-beta0.04-on_policy-plain"]["grad"])  # on-policy: the value alike, not the gradient
+                != cases[f"dapo-{level}-beta0.04-on_policy-plain"]["grad"])  # on-policy: same value, other gradient
         assert cases[f"vespo-{level}-{off}-plain"]["trl_metrics"]["vespo/phi_seq_mean"] < 0.99
     assert cases[f"sapo-token-{on}-plain"]["loss"] != cases[f"sapo-token-{off}-plain"]["loss"]
 
@@ -396,3 +396,14 @@ def test_multi_objective_advantages_match_trl(case):
     advantages = group_advantages(torch.tensor(case["rewards"], dtype=F64), case["group_size"],
                                   weights=case["weights"], aggregation=case["aggregation"])
     close(advantages, case["advantages"], atol=1e-6)  # TRL's nanstd: Bessel's factor in float32
+
+
+def test_mask_fractions_by_hand():
+    """off_policy_dropped and entropy_kept, which TRL does not log. Three sequences of 2 tokens, each drifted by
+    mean(old - new) = 0.5 > threshold 0.1: A < 0 is dropped, A = 0 and A > 0 are kept (A >= 0 always is)."""
+    logps = torch.zeros(3, 2, dtype=F64)
+    entropies = torch.tensor([[0.1, 0.9], [0.5, 0.3], [0.7, 0.2]], dtype=F64)  # quantile 0.5 of 6 values: 0.4
+    _, stats = grpo_loss(logps, logps + 0.5, torch.tensor([-1.0, 0.0, 1.0], dtype=F64), torch.ones(3, 2),
+                         off_policy_mask_threshold=0.1, top_entropy_quantile=0.5, entropies=entropies)
+    assert stats["off_policy_dropped"] == (1.0, 3.0) and stats["entropy_kept"] == (3.0, 6.0)
+    assert mean_stats(stats)["entropy"] == pytest.approx(2.7 / 6)

@@ -112,7 +112,8 @@ def test_truncation_and_variant_options_are_checked(capsys):
     with pytest.raises(SystemExit):
         train.parse_config(["--multi-objective-aggregation", "normalize_then_sum", "--scale-rewards", "batch"])
     assert "--scale-rewards does not apply" in capsys.readouterr().err
-    cfg = train.parse_config(["--loss-type", "vespo", "--vespo-k-neg", "2.5", "--importance-sampling-level", "sequence"])
+    cfg = train.parse_config(["--loss-type", "vespo", "--vespo-k-neg", "2.5",
+                              "--importance-sampling-level", "sequence"])
     options = train.loss_options(cfg)
     assert (options["loss_type"], options["vespo_k_neg"], options["importance_sampling_level"]) == ("vespo", 2.5,
                                                                                                      "sequence")
