@@ -28,8 +28,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from grpo_min.boxes import Box, from_model_frame, iou, parse_answer, summarize_ious
-from grpo_min.prompts import load_template
-from grpo_min.rollout import encode_prompts, generate_completions
+from grpo_min.prompts import encode_prompts, load_template
+from grpo_min.rollout import generate_completions
 
 # Qwen2.5-VL-7B, MedGround-R1 README (docs/METHOD.md, "Evaluation"): only Acc@0.5 ("Acc") and mIoU are published.
 PAPER = {"ms-cxr": ("MS-CXR", {"acc@0.5": 83.12, "miou": 79.02}),
@@ -53,7 +53,8 @@ def decode_boxes(model, processor, images, phrases, orig_sizes, template: str, f
     """
     prompts = encode_prompts(processor, images, phrases, template, device=device)
     out = generate_completions(model, processor, prompts, num_generations=1, max_new_tokens=max_new_tokens,
-                               greedy=True, synced_gpus=synced_gpus)
+                               greedy=True, logits_processor=repetition_penalty(model, prompts),
+                               synced_gpus=synced_gpus)
     results = []
     for text, orig, resized in zip(out.texts, orig_sizes, prompts.resized_sizes):
         box = parse_answer(text)  # in the model's frame
@@ -63,6 +64,58 @@ def decode_boxes(model, processor, images, phrases, orig_sizes, template: str, f
                 box = None  # would read the row back (as_box), so that rescoring counts it the same
         results.append((text, box))
     return results
+
+
+def repetition_penalty(model, prompts):
+    """Greedy evaluation's logits processor for ``generate_completions``: the checkpoint's repetition penalty.
+
+    As HF's RepetitionPenaltyLogitsProcessor, which the released evaluation ran through ``generate``: the
+    logit of every token already in the prompt or the answer moves toward -inf (divided by the penalty
+    when positive, multiplied when negative). None when the checkpoint sets no penalty. Sampling for
+    training never uses it: its samples must come from the distribution the loss scores.
+    """
+    penalty = _checkpoint_repetition_penalty(model)
+    if penalty == 1.0:
+        return None
+    seen = None  # (B, V) bool: tokens of each row's prompt and answer so far
+
+    def process(scores, last_token):
+        nonlocal seen
+        if seen is None:
+            seen = _prompt_tokens(prompts, scores.shape[-1])
+        if last_token is not None:
+            seen[torch.arange(len(seen), device=seen.device), last_token] = True
+        return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+    return process
+
+
+def _prompt_tokens(prompts, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: the tokens of each prompt (left padding excluded), as repetition penalties count them."""
+    input_ids, attention_mask = prompts.inputs["input_ids"], prompts.inputs["attention_mask"]
+    seen = torch.zeros(len(input_ids), vocab_size + 1, dtype=torch.bool, device=input_ids.device)
+    seen.scatter_(1, input_ids.masked_fill(attention_mask == 0, vocab_size), True)  # padding -> the extra column
+    return seen[:, :vocab_size]
+
+
+def _checkpoint_repetition_penalty(model) -> float:
+    """The repetition penalty of the model's generation_config.json, which greedy evaluation applies.
+
+    It is the one decoding default of Qwen's checkpoints that changes a greedy answer (their
+    temperature, top_k and top_p shape sampling only). Others that would are refused, not ignored.
+    """
+    config = model.generation_config
+    unsupported = {name: getattr(config, name) for name in _GREEDY_CHANGERS if getattr(config, name, None)}
+    if unsupported:
+        raise ValueError(f"the model's generation_config sets {unsupported}; greedy evaluation applies only "
+                         "repetition_penalty: remove these from generation_config.json to evaluate")
+    return float(config.repetition_penalty or 1.0)
+
+
+_GREEDY_CHANGERS = ("no_repeat_ngram_size", "min_length", "min_new_tokens", "bad_words_ids", "sequence_bias",
+                    "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+                    "exponential_decay_length_penalty")
+
 
 
 def predict(model, processor, samples, template: str, frame: str = "absolute", batch_size: int = 32,

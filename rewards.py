@@ -5,11 +5,14 @@ each term is a pure function of (completion text, target); a term that needs a m
 one) receives a scorer object. Everything that can go wrong in a completion gives that term 0 and is
 counted, never raised: a reward must not be able to kill a training run.
 
+Each completion is parsed once (``parse_answer``: its answer's box, or None) and every term reads that box.
+
     >>> t = Target(box=(10, 10, 50, 50), orig_size=(100, 100), resized_size=(100, 100))
-    >>> format_reward('<think>a</think><answer>{"bbox_2d": [10, 12, 50, 50]}</answer>')
-    1.0
-    >>> spatial_reward('<answer>[10, 12, 50, 50]</answer>', t), spatial_reward('<answer>[0,0,9,9]</answer>', t)
-    (1.0, 0.0)
+    >>> text = '<think>a</think><answer>{"bbox_2d": [10, 12, 50, 50]}</answer>'
+    >>> format_reward(text, parse_answer(text)), spatial_reward(parse_answer(text), t)
+    (1.0, 1.0)
+    >>> spatial_reward(parse_answer('<answer>[0,0,9,9]</answer>'), t)
+    0.0
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grpo_min.boxes import Box, answer_has_format, iou, parse_answer, to_model_frame
+from grpo_min.boxes import Box, has_answer_layout, iou, parse_answer, to_model_frame
 
 
 @dataclass
@@ -37,19 +40,17 @@ class Target:
         return to_model_frame(self.box, self.orig_size, self.resized_size, self.frame)
 
 
-def format_reward(completion: str, target: Target | None = None) -> float:
-    """1 if ``<think>...</think><answer>...</answer>`` and the answer holds a box, else 0."""
-    return 1.0 if answer_has_format(completion) else 0.0
+def format_reward(completion: str, box: Box | None) -> float:
+    """1 if ``<think>...</think><answer>...</answer>`` and the answer holds a box (``box``, parsed), else 0."""
+    return 1.0 if box is not None and has_answer_layout(completion) else 0.0
 
 
-def completion_iou(completion: str, target: Target) -> float:
-    """IoU of the answer's box with the truth, both in the model's frame; 0 if there is no box."""
-    return iou(parse_answer(completion), target.model_box)
+def spatial_reward(box: Box | None, target: Target, kind: str = "hard") -> float:
+    """``hard``: 1 if IoU > 0.5 else 0 (MedGround-R1's released code); ``iou``: the IoU itself (VLM-R1).
 
-
-def spatial_reward(completion: str, target: Target, kind: str = "hard") -> float:
-    """``hard``: 1 if IoU > 0.5 else 0 (MedGround-R1's released code); ``iou``: the IoU itself (VLM-R1)."""
-    value = completion_iou(completion, target)
+    ``box`` is the answer's box in the model's frame (None: no box, 0), compared with the truth there.
+    """
+    value = iou(box, target.model_box)
     if kind == "hard":
         return 1.0 if value > 0.5 else 0.0
     if kind == "iou":
@@ -86,14 +87,16 @@ def score_completions(completions: list[str], targets: list[Target], config: Rew
     n = len(completions)
     fmt, spatial, ious = torch.zeros(n), torch.zeros(n), [0.0] * n
     parse_failures = errors = 0
+    boxes = [None] * n  # each completion's answer box, model frame
     for i, (text, target) in enumerate(zip(completions, targets)):
         try:
-            if parse_answer(text) is None:
+            boxes[i] = parse_answer(text)  # the one parse of this completion
+            if boxes[i] is None:
                 parse_failures += 1
                 continue
-            fmt[i] = format_reward(text, target)
-            ious[i] = completion_iou(text, target)
-            spatial[i] = spatial_reward(text, target, config.spatial_kind)
+            fmt[i] = format_reward(text, boxes[i])
+            ious[i] = iou(boxes[i], target.model_box)
+            spatial[i] = spatial_reward(boxes[i], target, config.spatial_kind)
         except Exception:  # a reward must never kill the run: score 0, count it
             errors += 1
             fmt[i] = spatial[i] = 0.0
@@ -104,7 +107,7 @@ def score_completions(completions: list[str], targets: list[Target], config: Rew
     if config.semantic_weight and semantic_scorer is not None:
         eligible = [f > 0 and (config.semantic_on == "all" or ious[i] <= 0.5) for i, f in enumerate(fmt.tolist())]
         try:
-            semantic, sem_details = semantic_scorer.score(completions, targets, eligible)
+            semantic, sem_details = semantic_scorer.score(boxes, targets, eligible)
         except Exception:  # the batched scorer failed: no semantic credit this step, counted, run goes on
             semantic, sem_details = torch.zeros(n), {}
             errors += sum(eligible)
@@ -113,3 +116,19 @@ def score_completions(completions: list[str], targets: list[Target], config: Rew
         details.update(sem_details)
     return Scores(total=total, terms=terms, ious=ious, parse_failures=parse_failures, errors=errors,
                   details=details)
+
+
+def grounding_reward(config: RewardConfig, semantic_scorer=None, *, frame: str, num_generations: int):
+    """The reward function a training step calls: ``reward(texts, samples, images, resized_sizes) -> Scores``.
+
+    texts: N = B * G completions, each sample's G adjacent; samples: the B data.Sample records (truth box in
+    original pixels, phrase); images: their B original images; resized_sizes: (width, height) of each after
+    the processor's resize, the frame ``frame`` of the model family (grpo_min.models.BOX_FRAMES) boxes are in.
+    """
+    def reward(texts: list[str], samples: list, images: list, resized_sizes: list) -> Scores:
+        targets = [Target(box=s.box, orig_size=(s.width, s.height), resized_size=size, frame=frame, phrase=s.text,
+                          image=image)
+                   for s, image, size in zip(samples, images, resized_sizes) for _ in range(num_generations)]
+        return score_completions(texts, targets, config, semantic_scorer)
+
+    return reward

@@ -13,8 +13,8 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -29,12 +29,12 @@ from grpo_min.checkpoint import (CheckpointError, MetricsLog, Preemption, check_
                                  warn_config_changes)
 from grpo_min.cli import banner, parse_options
 from grpo_min.lora import adapters_off
-from grpo_min.loss import group_advantages, grpo_loss
+from grpo_min.loss import SCALES, group_advantages, grpo_loss
 from grpo_min.metrics import REPORT_TO, PhaseTimer, check_report_to, rollout_record, run_checks, update_record
 from grpo_min.models import compute_precision, load_policy, load_reference, resolve_dtype, resolve_model_path
-from grpo_min.optim import make_optimizer
-from grpo_min.prompts import load_template
-from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids
+from grpo_min.optim import clipped_step, make_optimizer
+from grpo_min.prompts import encode_prompts, load_template, special_token_ids
+from grpo_min.rollout import completion_logps, generate_completions
 from grpo_min.semantic import SemanticScorer, build_scorer, scorer_path
 
 
@@ -62,7 +62,7 @@ class Config:
     epsilon: float = opt(0.2, "clip range: ratio clipped to [1 - epsilon, 1 + epsilon_high]")
     epsilon_high: float | None = opt(None, "upper clip range (DAPO's clip-higher); default: --epsilon")
     loss_type: str = opt("grpo", "token aggregation", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
-    scale_rewards: str = opt("group", "advantage scaling: group std, batch std or none", choices=("group", "batch", "none"))
+    scale_rewards: str = opt("group", "advantage scaling: group std, batch std or none", choices=SCALES)
     num_iterations: int = opt(1, "mu: optimizer updates per rollout (old log-probs from a forward after sampling)")
     # --- rewards ---
     spatial_reward: str = opt("hard", "hard: 1[IoU > 0.5] (the paper); iou: continuous IoU", choices=("hard", "iou"))
@@ -126,56 +126,65 @@ def parse_config(argv=None) -> Config:
 
 # ====================================================================================== one GRPO step
 def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, batches, reward, template: str, *,
-              updates: int | None = None, timer: PhaseTimer | None = None) -> list[dict]:
-    """One rollout and its optimizer updates: what a GRPO "step" is, for the loop and for the benchmark.
+              passes: ModelPasses | None = None, updates: int | None = None,
+              timer: PhaseTimer | None = None) -> list[dict]:
+    """One rollout and its optimizer updates: grpo_min/core.py's step (S1-S6 of docs/METHOD.md), made fast
+    and distributed. Tests hold the two equal (tests/test_plain_core.py).
 
     batches: this rank's micro-batches (lists of data.Sample), whose gradients accumulate into each update.
-    reward(texts, samples, images, resized_sizes) -> rewards.Scores. policy may be wrapped (DDP, FSDP2);
-    reference is None when beta is 0 or with LoRA (the policy with its adapters off serves). updates: optimizer
-    updates on this rollout (default: mu, --num-iterations). Returns one metrics.jsonl record per update (all ranks).
+    reward(texts, samples, images, resized_sizes) -> rewards.Scores (rewards.grounding_reward). policy may be
+    wrapped (DDP, FSDP2); reference is None when beta is 0 or with LoRA (the policy with its adapters off
+    serves). passes: how forward passes are made (``model_passes``; built from cfg when not given). updates:
+    optimizer updates on this rollout (default: mu, --num-iterations). Returns one metrics.jsonl record per
+    update (all ranks).
     """
-    G, raw, updates = cfg.num_generations, dist.unwrap(policy), updates or cfg.num_iterations
-    device = next(raw.parameters()).device
+    G, model, updates = cfg.num_generations, dist.unwrap(policy), updates or cfg.num_iterations
+    device = next(model.parameters()).device
     timer = timer or PhaseTimer(device)
-    amp = lambda: compute_precision(device, resolve_dtype(cfg.dtype, device))  # noqa: E731  float32 weights
-    # With gradient checkpointing the policy's pass cannot keep the prompt's KV cache; the reference and
-    # old-policy passes then take the same path, so all three compute alike (KL 0, ratio 1 at the start).
-    score_kw = dict(group_size=G, temperature=cfg.temperature, never_ids=special_token_ids(processor)["never"],
-                    share_prompt=not cfg.gradient_checkpointing)
+    passes = passes or model_passes(cfg, processor, device)
 
-    # 1. Sample G completions for each prompt of each micro-batch, and score them.
+    # S1-S3. Encode each micro-batch's prompts, sample G completions per prompt, and score them.
     rollouts, scores = [], []
     for samples in batches:
         with timer("encode"):
             images = [s.load_image() for s in samples]
             prompts = encode_prompts(processor, images, [s.text for s in samples], template, device=device)
-        with timer("generate"), amp():
-            rollouts.append(generate_completions(raw, processor, prompts, num_generations=G, synced_gpus=cfg.fsdp,
+        with timer("generate"), passes.precision():
+            rollouts.append(generate_completions(model, processor, prompts, num_generations=G, synced_gpus=cfg.fsdp,
                                                  max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                                  compile_generation=cfg.compile_generation))
         with timer("rewards"):
             scores.append(reward(rollouts[-1].texts, samples, images, prompts.resized_sizes))
 
-    # 2. Group-relative advantages, over the global batch (all ranks), so that "batch" scaling is global.
+    # S4. Group-relative advantages, over the global batch (all ranks), so that "batch" scaling is global.
     rewards = torch.cat([s.total for s in scores])  # (M*B*G,) this rank's completions
     all_rewards = dist.all_gather_cat(rewards.to(device))  # (ranks*M*B*G,)
     advantages = group_advantages(all_rewards, G, scale=cfg.scale_rewards)
     advantages = advantages.view(dist.world_size(), -1)[dist.rank()].cpu()  # (M*B*G,) this rank's slice
-    num_items = dist.all_reduce_sum(torch.tensor(float(sum(r.completion_mask.sum() for r in rollouts)),
-                                                 device=device)).item()  # dapo's normaliser: global tokens
+    # dapo divides by the completion tokens of the global batch; under DDP, which averages gradients over the
+    # ranks, each rank's share of it.
+    num_items = None
+    if cfg.loss_type == "dapo":
+        num_items = dist.all_reduce_sum(sum(r.completion_mask.sum() for r in rollouts).to(device)).item()
+        num_items /= dist.world_size()
 
-    # 3. Log-probs of the sampling policy (needed only when a rollout serves several updates) and of the reference.
+    # S5. Log-probs without gradients: the sampling policy's (needed only when a rollout serves several updates)
+    #     and the reference's.
     old_logps, ref_logps = [], []
-    with torch.no_grad(), amp():
+    with torch.no_grad(), passes.precision():
         for r in rollouts:
-            args = (r.prompts, r.completion_ids, r.completion_mask)
             with timer("old_policy"):
-                old_logps.append(completion_logps(raw, *args, **score_kw) if cfg.num_iterations > 1 else None)
-            # With LoRA the reference is the policy itself, its adapters switched off: no second copy is loaded.
-            with timer("reference"), adapters_off(raw) if cfg.lora_r else nullcontext(reference) as ref:
-                ref_logps.append(completion_logps(ref, *args, **score_kw) if cfg.beta > 0 else None)
+                old_logps.append(passes.logps(model, r) if cfg.num_iterations > 1 else None)
+            if cfg.beta == 0:
+                ref_logps.append(None)
+            elif cfg.lora_r:  # the reference is the policy itself with its adapters off: no second copy
+                with timer("reference"), adapters_off(model):
+                    ref_logps.append(passes.logps(model, r))
+            else:
+                with timer("reference"):
+                    ref_logps.append(passes.logps(reference, r))
 
-    # 4. The clipped policy loss: `updates` optimizer updates, each accumulating over the micro-batches.
+    # S6. `updates` optimizer updates, each accumulating the clipped policy loss (+ beta KL) over the micro-batches.
     records = []
     for _ in range(updates):
         optimizer.zero_grad(set_to_none=True)
@@ -183,14 +192,13 @@ def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, b
         for m, r in enumerate(rollouts):
             adv = advantages[m * len(r.texts):(m + 1) * len(r.texts)].to(device)  # (B*G,)
             with timer("policy"), dist.no_sync_unless_last(policy, m == len(rollouts) - 1):
-                with amp():  # the forward in the compute precision; log-probs come out in float32
-                    logps = completion_logps(policy, r.prompts, r.completion_ids, r.completion_mask,
-                                             **score_kw)  # (B*G, T)
+                with passes.precision():  # the forward in the compute precision; log-probs come out in float32
+                    logps = passes.logps(policy, r)  # (B*G, T)
                 old = old_logps[m] if old_logps[m] is not None else logps.detach()  # one update: ratio 1
                 loss, micro_stats = grpo_loss(logps, old, adv, r.completion_mask, ref_logps=ref_logps[m],
                                               beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                               loss_type=cfg.loss_type, max_completion_length=cfg.max_completion_length,
-                                              num_items_in_batch=num_items / dist.world_size())
+                                              num_items_in_batch=num_items)
                 # dapo is already normalised by the global token count (x ranks: DDP averages gradients),
                 # so its micro-batch losses add up; the other types average over the micro-batches.
                 share = 1 if cfg.loss_type == "dapo" else len(rollouts)
@@ -200,18 +208,33 @@ def grpo_step(cfg: Config, policy, reference, processor, optimizer, scheduler, b
             for k, v in micro_stats.items():
                 stats[k] = stats.get(k, 0.0) + v / len(rollouts)
         with timer("optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; the global norm is the same on every rank
-                grad_norm = grad_norm.full_tensor()
-            # A non-finite loss or gradient on any rank skips this update everywhere: nothing is applied.
-            finite = torch.isfinite(total_loss) & torch.isfinite(grad_norm.to(device))
-            skipped = dist.all_reduce_sum((~finite).float().reshape(1)).item() > 0
-            optimizer.zero_grad(set_to_none=True) if skipped else optimizer.step()
-            lr = scheduler.get_last_lr()[0]  # the rate this update used (read before the schedule moves on)
-            scheduler.step()
+            grad_norm, skipped, lr = clipped_step(policy, optimizer, scheduler, total_loss, cfg.max_grad_norm)
         records.append(update_record(stats, grad_norm, lr, skipped, device))
     rollout_stats = rollout_record(scores, rollouts, rewards, all_rewards, G, device)
     return [{**rollout_stats, **record} for record in records]
+
+
+@dataclass
+class ModelPasses:
+    """How a run's forward passes are made, fixed once per run: their precision, and the scoring pass."""
+
+    precision: Callable  # () -> context manager: autocast to the compute dtype (weights stay float32)
+    logps: Callable  # (model, rollout.Rollout) -> (B*G, T) log-probs of its completion tokens, float32
+
+
+def model_passes(cfg: Config, processor, device) -> ModelPasses:
+    """This run's ModelPasses. Scoring runs each prompt once per group, its G completions on the prompt's KV
+    cache (rollout.completion_logps); with gradient checkpointing, which cannot keep that cache, every pass
+    shares the vision features only, so that policy, reference and old policy compute alike (KL 0, ratio 1
+    at the start)."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    never = special_token_ids(processor)["never"]
+
+    def logps(model, r):
+        return completion_logps(model, r.prompts, r.completion_ids, r.completion_mask, group_size=cfg.num_generations,
+                                temperature=cfg.temperature, never_ids=never, share_prompt=not cfg.gradient_checkpointing)
+
+    return ModelPasses(precision=lambda: compute_precision(device, dtype), logps=logps)
 
 
 # ====================================================================================== the run
@@ -261,15 +284,10 @@ def train(cfg: Config, preemption: Preemption):
     except ValueError as e:  # LoRA targets that match no layer, a checkpoint of another kind of run
         raise SystemExit(f"error: {e}")
     reference = load_reference(model_path, dtype=torch.float32, device=device) if cfg.beta and not cfg.lora_r else None
-    reward_config = R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
-                                   spatial_kind=cfg.spatial_reward, semantic_on=cfg.semantic_on,
-                                   semantic_weight=cfg.semantic_weight if semantic_scorer else 0.0)
-
-    def reward(texts, samples, images, resized_sizes):  # G completions per sample, adjacent
-        targets = [R.Target(box=s.box, orig_size=(s.width, s.height), resized_size=size, frame=frame,
-                            phrase=s.text, image=img)
-                   for s, img, size in zip(samples, images, resized_sizes) for _ in range(cfg.num_generations)]
-        return R.score_completions(texts, targets, reward_config, semantic_scorer)
+    reward = R.grounding_reward(R.RewardConfig(format_weight=cfg.format_weight, spatial_weight=cfg.spatial_weight,
+                                               spatial_kind=cfg.spatial_reward, semantic_on=cfg.semantic_on,
+                                               semantic_weight=cfg.semantic_weight if semantic_scorer else 0.0),
+                                semantic_scorer, frame=frame, num_generations=cfg.num_generations)
 
     delete_outputs(earlier_run)  # only now: a refused run leaves the folder as it was
     if dist.is_main():
@@ -293,6 +311,8 @@ def train(cfg: Config, preemption: Preemption):
         dist.unwrap(policy), processor, samples, template, frame, limit=cfg.eval_limit, device=device,
         batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_completion_length, dtype=resolve_dtype(cfg.dtype, device),
         synced_gpus=cfg.fsdp)
+
+    passes = model_passes(cfg, processor, device)
 
     step, bad_steps = 0, 0
     if resume_path is not None:
@@ -322,8 +342,8 @@ def train(cfg: Config, preemption: Preemption):
     while step < total_steps:
         t0, timer, first, last = time.time(), PhaseTimer(device), step, min(step + mu, total_steps)
         records = grpo_step(cfg, policy, reference, processor, optimizer, scheduler,
-                            rollout_batches(train_set, step, cfg, origin), reward, template, updates=last - first,
-                            timer=timer)
+                            rollout_batches(train_set, step, cfg, origin), reward, template, passes=passes,
+                            updates=last - first, timer=timer)
         crossed = lambda every: every and last // every > first // every  # noqa: E731  (a rollout spans mu steps)
         records[-1].update(run_checks(policy, device, cfg))
         for record in records:

@@ -143,6 +143,11 @@ def answer_has_format(text: str) -> bool:
     >>> answer_has_format("<think>left base</think><answer>the left base</answer>")
     False
     """
+    return has_answer_layout(text) and parse_answer(text) is not None
+
+
+def has_answer_layout(text: str) -> bool:
+    """`answer_has_format` without the box: the four tags, once each, in order, only whitespace around them."""
     if not isinstance(text, str):
         return False
     body = text.strip()
@@ -152,9 +157,7 @@ def answer_has_format(text: str) -> bool:
         return False
     think_end = body.index("</think>") + len("</think>")
     answer_start = body.index("<answer>")
-    if answer_start < think_end or body[think_end:answer_start].strip():
-        return False
-    return parse_answer(body) is not None
+    return not (answer_start < think_end or body[think_end:answer_start].strip())
 
 
 def format_box(box: Box) -> str:

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from grpo_min import dist
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -51,6 +53,24 @@ def make_optimizer(params, *, lr: float, weight_decay: float = 0.0, fused: bool 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))
     return optimizer, scheduler
+
+
+def clipped_step(model, optimizer, scheduler, loss: torch.Tensor, max_grad_norm: float) -> tuple[float, bool, float]:
+    """Clip the gradient, then step the optimizer and the schedule, unless something is not finite.
+
+    A non-finite loss or gradient norm on any rank skips the update on every rank: nothing is applied, the
+    gradient is dropped, the schedule moves on. Returns (gradient norm before clipping, skipped, the learning
+    rate this update used). ``max_grad_norm`` 0 means no clipping.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; the global norm is the same on every rank
+        grad_norm = grad_norm.full_tensor()
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm.to(loss.device))
+    skipped = dist.all_reduce_sum((~finite).float().reshape(1)).item() > 0
+    optimizer.zero_grad(set_to_none=True) if skipped else optimizer.step()
+    lr = scheduler.get_last_lr()[0]  # the rate this update used (read before the schedule moves on)
+    scheduler.step()
+    return float(grad_norm), skipped, lr
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

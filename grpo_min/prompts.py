@@ -15,7 +15,10 @@ The image comes first in the user turn, then the templated question. Templates a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 QUESTION = "Please provide the bounding box coordinate of the region this sentence describes: {phrase}."
 
@@ -59,3 +62,35 @@ def render_prompt(processor, phrase: str, template: str) -> str:
     """The full prompt string, rendered by the processor's own chat template (generation prompt on)."""
     return processor.apply_chat_template(build_messages(phrase, template), tokenize=False,
                                          add_generation_prompt=True)
+
+
+@dataclass
+class PromptBatch:
+    """B encoded prompts plus what is needed to map boxes between frames."""
+
+    inputs: dict  # processor output: input_ids (B, P), attention_mask, pixel_values, image_grid_thw, ...
+    resized_sizes: list[tuple[int, int]]  # (width, height) of each image after the processor's resize
+
+
+def special_token_ids(processor) -> dict:
+    """EOS ids (the chat turn end and end-of-text), the pad id, and ids generation must never emit."""
+    tok = processor.tokenizer
+    ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i is not None and i != tok.unk_token_id]
+    eos = ids(["<|im_end|>", "<|endoftext|>"])
+    # A weak or random policy can sample an image/video placeholder; the next forward would then
+    # fail ("Image features and image tokens do not match"), so they are masked out, both when
+    # sampling and when scoring, which keeps the scored distribution equal to the sampled one.
+    never = ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[-1]
+    return {"eos": eos, "pad": pad, "never": never}
+
+
+def encode_prompts(processor, images, phrases, template: str, device=None) -> PromptBatch:
+    """Render and tokenize B prompts (left padding, so that generation continues every row)."""
+    texts = [render_prompt(processor, p, template) for p in phrases]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
+    patch = processor.image_processor.patch_size
+    sizes = [(int(w) * patch, int(h) * patch) for _, h, w in inputs["image_grid_thw"].tolist()]
+    inputs = {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in inputs.items()}
+    return PromptBatch(inputs=inputs, resized_sizes=sizes)

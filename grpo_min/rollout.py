@@ -22,15 +22,7 @@ from transformers import StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from grpo_min import dist
-from grpo_min.prompts import render_prompt
-
-
-@dataclass
-class PromptBatch:
-    """B encoded prompts plus what is needed to map boxes between frames."""
-
-    inputs: dict  # processor output: input_ids (B, P), attention_mask, pixel_values, image_grid_thw, ...
-    resized_sizes: list[tuple[int, int]]  # (width, height) of each image after the processor's resize
+from grpo_min.prompts import PromptBatch, special_token_ids
 
 
 @dataclass
@@ -41,30 +33,6 @@ class Rollout:
     completion_ids: torch.Tensor  # (B*G, T) long, padded after the first EOS
     completion_mask: torch.Tensor  # (B*G, T) float, 1 up to and including the first EOS
     texts: list[str]  # B*G decoded completions
-
-
-def special_token_ids(processor) -> dict:
-    """EOS ids (the chat turn end and end-of-text), the pad id, and ids generation must never emit."""
-    tok = processor.tokenizer
-    ids = lambda names: [i for i in tok.convert_tokens_to_ids(names) if i is not None and i != tok.unk_token_id]
-    eos = ids(["<|im_end|>", "<|endoftext|>"])
-    # A weak or random policy can sample an image/video placeholder; the next forward would then
-    # fail ("Image features and image tokens do not match"), so they are masked out, both when
-    # sampling and when scoring, which keeps the scored distribution equal to the sampled one.
-    never = ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[-1]
-    return {"eos": eos, "pad": pad, "never": never}
-
-
-def encode_prompts(processor, images, phrases, template: str, device=None) -> PromptBatch:
-    """Render and tokenize B prompts (left padding, so that generation continues every row)."""
-    texts = [render_prompt(processor, p, template) for p in phrases]
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
-    patch = processor.image_processor.patch_size
-    sizes = [(int(w) * patch, int(h) * patch) for _, h, w in inputs["image_grid_thw"].tolist()]
-    inputs = {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in inputs.items()}
-    return PromptBatch(inputs=inputs, resized_sizes=sizes)
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -80,32 +48,28 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
 
 
 def generate_completions(model, processor, prompts: PromptBatch, *, num_generations: int, max_new_tokens: int,
-                         temperature: float = 1.0, greedy: bool = False, synced_gpus: bool = False,
-                         compile_generation: bool = False) -> Rollout:
+                         temperature: float = 1.0, greedy: bool = False, logits_processor=None,
+                         synced_gpus: bool = False, compile_generation: bool = False) -> Rollout:
     """Sample ``num_generations`` completions for each prompt: pure sampling from softmax(logits / temperature).
 
     Each prompt, image included, goes through the model once; its KV cache is repeated for the G
     completions of its group (``_prompt_pass``, shared with the scoring pass), then one token per
     step for all B*G rows. HF ``generate(num_return_sequences=G)`` would copy every prompt G times
-    before its first forward, and run each prompt G times.
+    before its first forward, and run each prompt G times. grpo_min/core.py's ``sample`` is the plain
+    version of this loop (the prompt simply repeated G times); tests hold their greedy tokens equal.
 
     The samples come from exactly the distribution that ``completion_logps`` scores: the whole
     vocabulary (no top-k, no top-p: a truncated distribution is one the loss's log-probs do not
     describe), no repetition penalty, and nothing from the model's ``generation_config`` (Qwen2.5-VL-
     Instruct's ships repetition_penalty 1.05 and top_k 1). Only the never-emitted tokens are masked,
-    here and when scoring. ``greedy=True`` (evaluation) takes the argmax instead and applies the
-    checkpoint's repetition_penalty, as HF ``generate`` does for the released evaluation.
+    here and when scoring. ``greedy=True`` takes the argmax instead. ``logits_processor(scores (N, V),
+    last_token (N,) or None) -> scores`` may change the logits before each choice (greedy evaluation
+    applies the checkpoint's repetition penalty with it: evaluate.repetition_penalty).
 
     ``synced_gpus``: under FSDP every rank steps until every rank's completions have ended.
-    ``compile_generation``: the decode step compiled with CUDA graphs (``torch.compile(mode=
-    "reduce-overhead")``), for GPUs, where launching kernels one token at a time costs more than the
-    arithmetic; same tokens as the default path.
+    ``compile_generation``: the decode step compiled with CUDA graphs (``_compiled_forward``), for GPUs.
     """
-    if compile_generation and synced_gpus:
-        raise ValueError("compile_generation does not combine with FSDP (synced_gpus): FSDP gathers weights "
-                         "inside each forward, which a CUDA graph cannot replay")
     ids, G = special_token_ids(processor), num_generations
-    penalty = _checkpoint_repetition_penalty(model) if greedy else 1.0
     was_training = model.training
     model.eval()
     # inference_mode, unlike no_grad, also skips autograd's bookkeeping on every op (version counters, views):
@@ -122,22 +86,19 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
             del cache  # copied into the step's own
             never_ids, eos = (torch.tensor(ids[k], dtype=torch.long, device=device) for k in ("never", "eos"))
             never = torch.zeros(V, device=device).index_fill(0, never_ids, -torch.inf)  # (V,): -inf where never emitted
-            seen = _prompt_tokens(prompts, G, V) if penalty != 1.0 else None  # (N, V) bool, for the penalty
             done = torch.zeros(N, dtype=torch.bool, device=device)  # rows that have emitted EOS
             chosen = []
             # 2. One token per step for all N rows; finished rows get padding.
             for t in range(max_new_tokens):
                 scores = logits.float()  # (N, V)
-                if seen is not None:  # as HF's RepetitionPenaltyLogitsProcessor: seen tokens' logits move toward -inf
-                    scores = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+                if logits_processor is not None:
+                    scores = logits_processor(scores, chosen[-1] if chosen else None)  # (N, V)
                 # The whole vocabulary but the never-emitted tokens, as token_logps scores it: no top-k, no top-p.
                 scores = scores / temperature + never  # (N, V)
                 token = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1).squeeze(-1)  # (N,)
                 token = token.masked_fill(done, ids["pad"])
                 chosen.append(token)
                 done |= torch.isin(token, eos)
-                if seen is not None:
-                    seen[torch.arange(N, device=device), token] = True
                 if t + 1 == max_new_tokens or _every_rank_done(bool(done.all()), synced_gpus, device):
                     break
                 logits = step(token, next_position + t, t)  # (N, V): what follows completion token t
@@ -152,18 +113,29 @@ def generate_completions(model, processor, prompts: PromptBatch, *, num_generati
     return Rollout(prompts, completion_ids, mask, texts)
 
 
-def _every_rank_done(done_here: bool, synced_gpus: bool, device) -> bool:
-    """Whether decoding can stop: here, or under FSDP (``synced_gpus``) on every rank.
+def _prompt_pass(model, prompts: PromptBatch, group_size: int):
+    """The B prompts once, image included, with their KV cache repeated for the G rows of each group.
 
-    FSDP all-gathers each unit's weights inside its forward, a collective that every rank must join.
-    A rank that stopped while another still decodes would leave that one waiting forever, so a rank
-    whose rows have all ended keeps stepping (on padding) until all have; one all-reduce per token,
-    as HF ``generate(synced_gpus=True)`` does.
+    Under the causal mask no prompt token sees a completion token, so a prompt's keys and values
+    are the same in all G rows of its group. Returns the logits of each prompt's last position,
+    which predict completion token 0, (B*G, V); the cache, keys and values (B*G, heads, P, head dim)
+    per layer; and each row's next M-RoPE position (B*G,): completion token t sits at next + t on
+    all three axes (text advances the three together), one past the prompt's largest position.
+    The prompt's positions are computed here once (``get_rope_index``) and handed to the forward.
+    Called on the model inside a DDP wrapper (``.module``); FSDP2 gathers the weights in this call.
     """
-    if not synced_gpus or not dist.is_distributed():
-        return done_here
-    pending = dist.all_reduce_sum(torch.tensor(0.0 if done_here else 1.0, device=device))  # ranks still decoding
-    return pending.item() == 0
+    inputs, inner = prompts.inputs, dist.unwrap(model)
+    P, G = inputs["input_ids"].shape[1], group_size
+    positions, _ = inner.model.get_rope_index(
+        input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])  # (3, B, P), padding 0
+    out = inner(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, _cache_argument(inner))
+    if cache is None or cache.get_seq_length() != P:  # never continue a completion without its prompt
+        raise RuntimeError("the prompt pass returned no KV cache; call completion_logps(encode_image_once=False)")
+    cache.batch_repeat_interleave(G)  # each prompt's keys and values G times
+    next_position = (positions.amax(dim=(0, 2)) + 1).repeat_interleave(G)  # (B*G,)
+    return out.logits[:, -1].repeat_interleave(G, dim=0), cache, next_position
 
 
 def _decode_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int, compiled: bool,
@@ -178,8 +150,8 @@ def _decode_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int
     """
     prompt_mask = prompts.inputs["attention_mask"].repeat_interleave(G, dim=0).bool()  # (N, P)
     (N, P), length = prompt_mask.shape, prompt_mask.shape[1] + max_new_tokens
-    if compiled:
-        length = -(-length // 256) * 256  # batches of similar prompt lengths share one CUDA graph
+    if compiled:  # a drop-in forward replayed as a CUDA graph, on a cache rounded up to 256 slots
+        length = -(-length // 256) * 256
         static, forward = _compiled_forward(model, N, length)
     else:
         static = StaticCache(config=model.config, max_cache_len=length)
@@ -195,10 +167,7 @@ def _decode_step(model, cache, prompts: PromptBatch, G: int, max_new_tokens: int
 
     def step(token, position, t):
         in_use[:, P + t] = True
-        if not compiled:
-            return forward(token[:, None], position.view(1, -1, 1).repeat(3, 1, 1), attention_mask)
-        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits were used: the graph may overwrite them
-        return forward(token[:, None], position.view(1, -1, 1).repeat(3, 1, 1), attention_mask).clone()
+        return forward(token[:, None], position.view(1, -1, 1).repeat(3, 1, 1), attention_mask)
 
     return step
 
@@ -223,14 +192,31 @@ def _one_token_forward(model, static, through_root: bool = False):
     return forward
 
 
+def _every_rank_done(done_here: bool, synced_gpus: bool, device) -> bool:
+    """Whether decoding can stop: here, or under FSDP (``synced_gpus``) on every rank.
+
+    FSDP all-gathers each unit's weights inside its forward, a collective that every rank must join.
+    A rank that stopped while another still decodes would leave that one waiting forever, so a rank
+    whose rows have all ended keeps stepping (on padding) until all have; one all-reduce per token,
+    as HF ``generate(synced_gpus=True)`` does.
+    """
+    if not synced_gpus or not dist.is_distributed():
+        return done_here
+    pending = dist.all_reduce_sum(torch.tensor(0.0 if done_here else 1.0, device=device))  # ranks still decoding
+    return pending.item() == 0
+
+
+# ------------------------------------------------------------------ --compile-generation (GPU only)
 def _compiled_forward(model, rows: int, length: int):
-    """``compile_generation``'s decode step: (static cache, forward compiled with CUDA graphs).
+    """``compile_generation``'s decode step: (static cache, a drop-in for ``_one_token_forward``'s forward).
 
     On a GPU a decode step is bound by kernel launches, not arithmetic. A CUDA graph replays all of
     a step's kernels in one launch, for tensors of the same shapes and addresses at every step,
     which the fixed-size cache allows (``torch.compile(mode="reduce-overhead")``). The graph holds the
     cache's addresses, so cache and compiled step are kept per model and shape, the cache zeroed
-    in place for each generation; compiling takes a while (about a minute), once per shape.
+    in place for each generation; compiling takes a while (about a minute), once per shape (``length``
+    comes rounded up to 256 slots, so that batches of similar prompt lengths share a graph). Same tokens
+    as the plain step (tests/test_sampling.py); not yet run on a GPU (scripts/gpu_check.sh).
     """
     weight = next(model.parameters())
     key = (rows, length, weight.device, weight.dtype, torch.is_autocast_enabled(weight.device.type))
@@ -238,41 +224,19 @@ def _compiled_forward(model, rows: int, length: int):
     if key not in kept:
         static = StaticCache(config=model.config, max_cache_len=length)
         kept[key] = static, torch.compile(_one_token_forward(model, static), mode="reduce-overhead", dynamic=False)
-    static, forward = kept[key]
+    static, graph = kept[key]
     static.reset()
+
+    def forward(*args):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits were used: the graph may overwrite them
+        return graph(*args).clone()
+
     return static, forward
 
 
 # model -> {(rows, cache length, device, dtype, autocast): (cache, compiled step)}, for the life of the
 # process (one policy per run).
 _COMPILED: dict = {}
-
-
-def _prompt_tokens(prompts: PromptBatch, G: int, vocab_size: int) -> torch.Tensor:
-    """(B*G, V) bool: the tokens of each row's prompt (left padding excluded), as repetition penalties count them."""
-    input_ids, attention_mask = prompts.inputs["input_ids"], prompts.inputs["attention_mask"]
-    seen = torch.zeros(len(input_ids), vocab_size + 1, dtype=torch.bool, device=input_ids.device)
-    seen.scatter_(1, input_ids.masked_fill(attention_mask == 0, vocab_size), True)  # padding -> the extra column
-    return seen[:, :vocab_size].repeat_interleave(G, dim=0)
-
-
-def _checkpoint_repetition_penalty(model) -> float:
-    """The repetition penalty of the model's generation_config.json, which greedy evaluation applies.
-
-    It is the one decoding default of Qwen's checkpoints that changes a greedy answer (their
-    temperature, top_k and top_p shape sampling only). Others that would are refused, not ignored.
-    """
-    config = model.generation_config
-    unsupported = {name: getattr(config, name) for name in _GREEDY_CHANGERS if getattr(config, name, None)}
-    if unsupported:
-        raise ValueError(f"the model's generation_config sets {unsupported}; greedy evaluation applies only "
-                         "repetition_penalty: remove these from generation_config.json to evaluate")
-    return float(config.repetition_penalty or 1.0)
-
-
-_GREEDY_CHANGERS = ("no_repeat_ngram_size", "min_length", "min_new_tokens", "bad_words_ids", "sequence_bias",
-                    "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
-                    "exponential_decay_length_penalty")
 
 
 def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -295,7 +259,7 @@ def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, 
 
     Gradients flow into the vision tower on every path.
     """
-    inner = getattr(model, "module", model)  # under DDP the model itself is reached through .module
+    inner = dist.unwrap(model)  # under DDP the model itself is reached through .module
     if encode_image_once and share_prompt and not _drops_kv_cache(inner):
         return _logps_sharing_the_prompt(model, prompts, completion_ids, completion_mask, group_size=group_size,
                                          temperature=temperature, never_ids=never_ids)
@@ -335,7 +299,7 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
     through the repeated cache into step 1. Step 1 is called on the model inside a DDP wrapper and
     step 2 through the wrapper, so that DDP sees one forward per backward (FSDP2 handles both).
     """
-    inputs, inner = prompts.inputs, getattr(model, "module", model)
+    inputs, inner = prompts.inputs, dist.unwrap(model)
     G, T = group_size, completion_ids.shape[1]
     if T == 1:  # step 2 must run anyway: DDP syncs gradients and FSDP gathers weights in the wrapper's call, on
         # every rank alike. Score one masked copy of the token after it, and keep the first column.
@@ -354,31 +318,6 @@ def _logps_sharing_the_prompt(model, prompts: PromptBatch, completion_ids: torch
                  position_ids=positions.expand(3, -1, -1), **{_cache_argument(inner): cache}).logits  # (B*G, T-1, V)
     logits = torch.cat([first[:, None], rest], dim=1)  # (B*G, T, V): position t predicts completion token t
     return token_logps(logits, completion_ids, temperature, never_ids)
-
-
-def _prompt_pass(model, prompts: PromptBatch, group_size: int):
-    """The B prompts once, image included, with their KV cache repeated for the G rows of each group.
-
-    Under the causal mask no prompt token sees a completion token, so a prompt's keys and values
-    are the same in all G rows of its group. Returns the logits of each prompt's last position,
-    which predict completion token 0, (B*G, V); the cache, keys and values (B*G, heads, P, head dim)
-    per layer; and each row's next M-RoPE position (B*G,): completion token t sits at next + t on
-    all three axes (text advances the three together), one past the prompt's largest position.
-    The prompt's positions are computed here once (``get_rope_index``) and handed to the forward.
-    Called on the model inside a DDP wrapper (``.module``); FSDP2 gathers the weights in this call.
-    """
-    inputs, inner = prompts.inputs, getattr(model, "module", model)
-    P, G = inputs["input_ids"].shape[1], group_size
-    positions, _ = inner.model.get_rope_index(
-        input_ids=inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])  # (3, B, P), padding 0
-    out = inner(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache = getattr(out, _cache_argument(inner))
-    if cache is None or cache.get_seq_length() != P:  # never continue a completion without its prompt
-        raise RuntimeError("the prompt pass returned no KV cache; call completion_logps(encode_image_once=False)")
-    cache.batch_repeat_interleave(G)  # each prompt's keys and values G times
-    next_position = (positions.amax(dim=(0, 2)) + 1).repeat_interleave(G)  # (B*G,)
-    return out.logits[:, -1].repeat_interleave(G, dim=0), cache, next_position
 
 
 def _drops_kv_cache(model) -> bool:

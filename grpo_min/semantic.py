@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from grpo_min.boxes import Box, clip_box, from_model_frame, parse_answer
+from grpo_min.boxes import Box, clip_box, from_model_frame
 
 MIN_SIDE = 2.0  # pixels of the original image: a thinner box has no content to judge and scores 0
 MAX_CROP_SIDE = 512  # larger crops are shrunk first: dual encoders read 224-384 px, resizing costs time
@@ -64,9 +64,9 @@ def crop_to_square(image: Image.Image, box: Box) -> Image.Image:
     return square
 
 
-def prediction_box(completion: str, target) -> Box | None:
-    """The completion's box in original pixels, clipped to the image; None if unreadable or degenerate."""
-    box = parse_answer(completion)
+def prediction_box(box: Box | None, target) -> Box | None:
+    """A completion's box (``parse_answer``'s, model frame) in original pixels, clipped to the image; None if
+    there is none or it is degenerate."""
     if box is None:
         return None
     box = from_model_frame(box, target.orig_size, target.resized_size, target.frame)
@@ -191,19 +191,20 @@ class SemanticScorer:
         image_vectors, phrase_vectors = self.embed_images(images), self.embed_phrases(phrases)  # (N, D) each
         return torch.stack([(a * b).sum() for a, b in zip(image_vectors, phrase_vectors)])  # (N,)
 
-    def score(self, completions: list[str], targets: list, eligible: list[bool]) -> tuple[torch.Tensor, dict]:
-        """R_semantic of N completions, (N,) float32 on CPU, and counts for the log.
+    def score(self, boxes: list[Box | None], targets: list, eligible: list[bool]) -> tuple[torch.Tensor, dict]:
+        """R_semantic of N completions from their answers' boxes (``parse_answer``: model frame, or None), (N,)
+        float32 on CPU, and counts for the log.
 
         Completions not ``eligible`` (no format, or spatially positive under ``semantic_on=negatives``)
         score 0 and are not counted. Eligible ones whose box is unreadable, thinner than
         ``MIN_SIDE`` or outside the image score 0 and count in ``semantic_invalid_boxes``.
         """
-        scores = torch.zeros(len(completions))
+        scores = torch.zeros(len(boxes))
         crops, crop_of, phrases, rows = [], {}, [], []  # crop_of: (image, box) -> its index in crops
-        for i, (text, target, ok) in enumerate(zip(completions, targets, eligible)):
+        for i, (answer_box, target, ok) in enumerate(zip(boxes, targets, eligible)):
             if not ok:
                 continue
-            box = prediction_box(text, target)
+            box = prediction_box(answer_box, target)
             if box is None:
                 continue
             if target.image is None:

@@ -199,7 +199,8 @@ def warm_start(model, processor, template: str, seed: int = 0, steps: int = WARM
                batch_size: int = WARM_START["batch_size"], learning_rate: float = WARM_START["learning_rate"],
                warmup_steps: int = WARM_START["warmup_steps"], loose_pad: float = WARM_START["loose_pad"]):
     """Supervised steps (teacher forcing, token-mean cross-entropy on the target) on synthetic train."""
-    from grpo_min.rollout import completion_logps, encode_prompts
+    from grpo_min.prompts import encode_prompts
+    from grpo_min.rollout import completion_logps
     from grpo_min.synthetic import SyntheticDataset
 
     train = SyntheticDataset("train", seed=seed)

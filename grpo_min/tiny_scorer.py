@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grpo_min.boxes import Box, clip_box
+from grpo_min.boxes import Box, clip_box, parse_answer
 from grpo_min.optim import make_optimizer
 from grpo_min.semantic import SemanticScorer, crop_to_square, one_thread
 from grpo_min.synthetic import FINDINGS, SYNTHETIC_VERSION, synthetic_findings, synthetic_phrases, synthetic_sample
@@ -282,7 +282,7 @@ def time_scorer(scorer: SemanticScorer, prompts: int = 8, group: int = 8, repeat
             if clear:
                 scorer._phrase_cache.clear()
             t0 = time.perf_counter()
-            scorer.score(completions, targets, eligible)
+            scorer.score([parse_answer(c) for c in completions], targets, eligible)
             runs.append(time.perf_counter() - t0)
         times[name] = float(np.median(runs))
     return times

@@ -46,8 +46,8 @@ import train  # noqa: E402
 from grpo_min.metrics import PhaseTimer  # noqa: E402
 from grpo_min.models import load_policy, load_reference, prepare_policy, resolve_dtype  # noqa: E402
 from grpo_min.optim import make_optimizer  # noqa: E402
-from grpo_min.prompts import CHAIN_OF_BOX  # noqa: E402
-from grpo_min.rollout import completion_logps, encode_prompts  # noqa: E402
+from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts  # noqa: E402
+from grpo_min.rollout import completion_logps  # noqa: E402
 from grpo_min.sample import Sample  # noqa: E402
 from grpo_min.tiny import MODEL_CONFIGS, build_processor, random_model  # noqa: E402
 

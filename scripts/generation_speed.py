@@ -43,8 +43,8 @@ from PIL import Image  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
 
 from grpo_min import tiny  # noqa: E402
-from grpo_min.prompts import CHAIN_OF_BOX  # noqa: E402
-from grpo_min.rollout import encode_prompts, generate_completions, special_token_ids  # noqa: E402
+from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts, special_token_ids  # noqa: E402
+from grpo_min.rollout import generate_completions  # noqa: E402
 
 PHRASE = "small left apical pneumothorax"
 

@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from evaluate import decode_boxes  # noqa: E402
 from grpo_min import dist, tiny  # noqa: E402
-from grpo_min.prompts import CHAIN_OF_BOX  # noqa: E402
-from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids  # noqa: E402
+from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts, special_token_ids  # noqa: E402
+from grpo_min.rollout import completion_logps, generate_completions  # noqa: E402
 
 LIMIT, RANK0_LENGTH = 10, 3
 

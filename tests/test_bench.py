@@ -11,8 +11,8 @@ import torch
 import data
 from grpo_min import rollout as rollout_module
 from grpo_min import tiny
-from grpo_min.prompts import CHAIN_OF_BOX
-from grpo_min.rollout import completion_logps, encode_prompts, generate_completions, special_token_ids
+from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts, special_token_ids
+from grpo_min.rollout import completion_logps, generate_completions
 
 ROOT = Path(__file__).resolve().parents[1]
 

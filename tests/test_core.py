@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import data
+import evaluate
 from grpo_min import tiny
 from grpo_min.boxes import accuracy_at
-from grpo_min.prompts import CHAIN_OF_BOX, PLAIN, load_template, render_question
-from grpo_min.rollout import (completion_logps, completion_mask_from_ids, encode_prompts, generate_completions,
-                              special_token_ids)
+from grpo_min.prompts import CHAIN_OF_BOX, PLAIN, encode_prompts, load_template, render_question, special_token_ids
+from grpo_min.rollout import completion_logps, completion_mask_from_ids, generate_completions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -538,10 +538,11 @@ def test_greedy_evaluation_keeps_the_checkpoints_decoding_defaults(random_tiny):
     model, processor = random_tiny
     _, prompts = _prompts(processor, n=2)
 
-    def decode(greedy, seed=0):
+    def decode(greedy, seed=0):  # greedy: as evaluate.py decodes; else as training samples
         torch.manual_seed(seed)
+        penalty = evaluate.repetition_penalty(model, prompts) if greedy else None
         return generate_completions(model, processor, prompts, num_generations=1, max_new_tokens=24,
-                                    greedy=greedy).completion_ids
+                                    greedy=greedy, logits_processor=penalty).completion_ids
 
     plain = decode(greedy=True)
     # Greedy means no sampling: the random seed cannot matter. (It does when sampling: the check has teeth.)

@@ -129,8 +129,7 @@ def test_a_lora_run_writes_adapters_that_peft_and_evaluate_load(straight_run, ti
     import evaluate
     from grpo_min.checkpoint import check_checkpoint
     from grpo_min.models import load_model, load_policy
-    from grpo_min.prompts import CHAIN_OF_BOX
-    from grpo_min.rollout import encode_prompts
+    from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts
     from train import parse_config
 
     out = straight_run("1-lora")
@@ -434,8 +433,7 @@ def assert_same_logits(folder, other):
     """Two model folders (full or adapter, load_model reads both) give the same logits (float32, to 1e-5)."""
     import data
     from grpo_min.models import load_model
-    from grpo_min.prompts import CHAIN_OF_BOX
-    from grpo_min.rollout import encode_prompts
+    from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts
 
     (a, processor, _), (b, _, _) = load_model(folder), load_model(other)
     sample = data.synthetic_sample(0, "val")
@@ -476,8 +474,8 @@ def test_gradient_checkpointing_takes_effect(tiny_model_dir):
     eval mode, where transformers silently skips checkpointing: train.py's policy must be in train mode."""
     import data
     import train
-    from grpo_min.prompts import CHAIN_OF_BOX
-    from grpo_min.rollout import completion_logps, encode_prompts, generate_completions
+    from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts
+    from grpo_min.rollout import completion_logps, generate_completions
 
     cfg = train.parse_config(["--model", str(tiny_model_dir), "--gradient-checkpointing"])
     policy, processor, _ = train.load_policy(tiny_model_dir, cfg, torch.device("cpu"))
@@ -502,8 +500,8 @@ def test_bfloat16_compute_keeps_float32_weights_so_small_updates_land(tiny_model
     import train
     from grpo_min.models import compute_precision, load_reference
     from grpo_min.optim import make_optimizer
-    from grpo_min.prompts import CHAIN_OF_BOX
-    from grpo_min.rollout import completion_logps, encode_prompts
+    from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts
+    from grpo_min.rollout import completion_logps
     from grpo_min.tiny import warm_start_target
 
     cpu = torch.device("cpu")

@@ -139,6 +139,7 @@ def test_an_answer_too_large_to_map_back_is_a_parse_failure_as_when_rescored(mon
     texts = ["<answer>[1e308, 0, 1.5e308, 10]</answer>", "<answer>[10, 20, 30, 40]</answer>"]
     monkeypatch.setattr(evaluate, "encode_prompts", lambda *a, **k: SimpleNamespace(resized_sizes=[(56, 56)] * 2))
     monkeypatch.setattr(evaluate, "generate_completions", lambda *a, **k: SimpleNamespace(texts=texts))
+    monkeypatch.setattr(evaluate, "repetition_penalty", lambda *a: None)
     boxes = [box for _, box in evaluate.decode_boxes(None, None, [None] * 2, ["mass"] * 2, [(112, 112)] * 2, "")]
     assert boxes == [None, (20.0, 40.0, 60.0, 80.0)]
 

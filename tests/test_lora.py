@@ -9,8 +9,7 @@ from PIL import Image
 
 from grpo_min import lora
 from grpo_min.models import load_model
-from grpo_min.prompts import CHAIN_OF_BOX
-from grpo_min.rollout import encode_prompts
+from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts
 
 N_LAYERS = 2  # the tiny model's decoder layers (and vision blocks)
 

@@ -11,10 +11,10 @@ from transformers import GenerationConfig
 
 import data
 from grpo_min import rollout
+from evaluate import repetition_penalty
 from grpo_min.models import load_model
-from grpo_min.prompts import CHAIN_OF_BOX
-from grpo_min.rollout import completion_logps, completion_mask_from_ids, encode_prompts, generate_completions, \
-    special_token_ids
+from grpo_min.prompts import CHAIN_OF_BOX, encode_prompts, special_token_ids
+from grpo_min.rollout import completion_logps, completion_mask_from_ids, generate_completions
 from tests.fixtures import qwen2_vl_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +53,9 @@ def hf_greedy(model, processor, prompts, max_new_tokens):
 
 
 def loop_greedy(model, processor, prompts, max_new_tokens):
+    """Greedy evaluation's decoding: our loop with the checkpoint's repetition penalty (evaluate.py's)."""
     return generate_completions(model, processor, prompts, num_generations=1, max_new_tokens=max_new_tokens,
-                                greedy=True).completion_ids
+                                greedy=True, logits_processor=repetition_penalty(model, prompts)).completion_ids
 
 
 @pytest.mark.parametrize("repetition_penalty", [None, 1.05])

@@ -10,7 +10,7 @@ import torch
 import rewards as R
 from data import FINDINGS
 from grpo_min import semantic, tiny_scorer
-from grpo_min.boxes import to_model_frame
+from grpo_min.boxes import parse_answer, to_model_frame
 from grpo_min.semantic import SemanticScorer, crop_to_square
 from grpo_min.tiny_scorer import normal_box
 
@@ -74,6 +74,11 @@ def test_on_finding_crop_scores_higher_than_off_finding_crops_for_each_type(scor
         assert len(m) >= 15 and (m > 0).mean() >= 0.9 and m.mean() > 0.3, (kind, m.round(2).tolist())
 
 
+def boxes_of(completions):
+    """What SemanticScorer.score takes: each completion's parsed box (model frame)."""
+    return [parse_answer(c) for c in completions]
+
+
 def random_answers(seed, images, per_image, corner_max, sizes):
     """Answers with random boxes on the first val images: (completions, their targets)."""
     from data import synthetic_sample
@@ -93,11 +98,11 @@ def test_batched_scores_equal_one_by_one(scorer):
     """Bitwise: each crop and each phrase is embedded alone (SemanticScorer.embed_images)."""
     completions, targets = random_answers(seed=1, images=4, per_image=4, corner_max=90, sizes=(3, 30))
     eligible = [True] * len(completions)
-    batched, details = scorer.score(completions, targets, eligible)
+    batched, details = scorer.score(boxes_of(completions), targets, eligible)
     assert batched.shape == (16,) and batched.dtype == torch.float32
     assert details == {"semantic_scored": 16, "semantic_invalid_boxes": 0}
     scorer._phrase_cache.clear()
-    one_by_one = torch.cat([scorer.score([c], [t], [True])[0] for c, t in zip(completions, targets)])
+    one_by_one = torch.cat([scorer.score(boxes_of([c]), [t], [True])[0] for c, t in zip(completions, targets)])
     assert torch.equal(batched, one_by_one), (batched - one_by_one).abs().max()
     assert ((batched >= 0) & (batched <= 1)).all() and batched.max() > 0
 
@@ -121,18 +126,18 @@ def test_embeddings_and_scores_do_not_depend_on_the_batch_or_the_thread_count(sc
     Batched, a crop's embedding moved by ~5e-8 between batches of 1 and 2 on an Intel Xeon, and a phrase
     embedded on 2 threads differed from one embedded on 1 on an AMD EPYC."""
     completions, targets = random_answers(seed=3, images=8, per_image=1, corner_max=80, sizes=(8, 30))
-    crops = [crop_to_square(t.image, semantic.prediction_box(c, t)) for c, t in zip(completions, targets)]
+    crops = [crop_to_square(t.image, semantic.prediction_box(box, t)) for box, t in zip(boxes_of(completions), targets)]
     phrases = [t.phrase for t in targets]
     assert len(set(phrases)) > 1 and len({c.size for c in crops}) > 1
     fresh = lambda: SemanticScorer(scorer.model, scorer.processor)  # same weights, an empty phrase cache
     with torch_threads(1):  # the reference: each one alone
         crop_alone = [fresh().embed_images([c])[0] for c in crops]
         phrase_alone = [fresh().embed_phrases([p])[0] for p in phrases]
-        score_alone = [fresh().score([c], [t], [True])[0][0] for c, t in zip(completions, targets)]
+        score_alone = [fresh().score(boxes_of([c]), [t], [True])[0][0] for c, t in zip(completions, targets)]
     with torch_threads(threads):
         for n in (1, 2, 3, 7, 8):
             crop_batch, phrase_batch = fresh().embed_images(crops[:n]), fresh().embed_phrases(phrases[:n])
-            score_batch = fresh().score(completions[:n], targets[:n], [True] * n)[0]
+            score_batch = fresh().score(boxes_of(completions[:n]), targets[:n], [True] * n)[0]
             for i in range(n):
                 assert torch.equal(crop_batch[i], crop_alone[i]), ("crop", n, i)
                 assert torch.equal(phrase_batch[i], phrase_alone[i]), ("phrase", n, i)
@@ -163,7 +168,8 @@ def test_rewards_do_not_depend_on_what_the_phrase_cache_held(scorer):
     for t in targets:  # earlier steps: each phrase first embedded next to another one
         warm.embed_phrases([t.phrase, LONG_PHRASE])
     fresh = SemanticScorer(scorer.model, scorer.processor)
-    assert torch.equal(fresh.score(completions, targets, eligible)[0], warm.score(completions, targets, eligible)[0])
+    boxes = boxes_of(completions)
+    assert torch.equal(fresh.score(boxes, targets, eligible)[0], warm.score(boxes, targets, eligible)[0])
 
 
 def test_a_full_phrase_cache_starts_over_without_losing_the_batch(scorer):
@@ -195,10 +201,10 @@ def test_bad_boxes_score_zero_and_are_counted(scorer):
         answer(inside),  # not eligible: scores 0, not counted
     ]
     eligible = [True] * 6 + [False]
-    scores, details = scorer.score(completions, [target] * 7, eligible)
+    scores, details = scorer.score(boxes_of(completions), [target] * 7, eligible)
     assert scores[:4].tolist() == [0, 0, 0, 0] and scores[6] == 0
     assert details == {"semantic_scored": 2, "semantic_invalid_boxes": 4}
-    clipped = scorer.score([answer((0, 20, 60, 70))], [target], [True])[0]
+    clipped = scorer.score(boxes_of([answer((0, 20, 60, 70))]), [target], [True])[0]
     assert torch.equal(scores[4:5], clipped)  # the same crop, scored alone either way
 
 
