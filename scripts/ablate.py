@@ -1,7 +1,7 @@
 """An ablation: train.py for every variant x seed, then each variant's test gains with 95% confidence intervals.
 
     python scripts/ablate.py --seeds 0 1 2 3 4 --variant grpo="" --variant dapo="--loss-type dapo" \\
-        --output-dir runs/ablate --jobs 2 -- --max-steps 400
+        --output-dir runs/ablate --jobs 2 -- --max-steps 200
     python scripts/ablate.py --preset paper --output-dir runs/paper --jobs 2     # docs/RESULTS.md, "Ablations"
 
 A variant is a name and train.py options (``NAME="OPTIONS"``, quoted as in a shell); the options after ``--`` go
@@ -54,12 +54,12 @@ CONFIDENCE = 0.95
 
 # The paper's ablation on the demo (docs/RESULTS.md, "Ablations"). Every row is one difference from the first,
 # the demo as `python train.py` runs it (format + hard spatial + semantic rewards, Chain-of-Box, loss grpo), so
-# each paired difference to it answers one question. The common options shorten the demo preset to fit the
-# whole table in about 2 hours of 2 cores (docs/RESULTS.md says how that was checked).
+# each paired difference to it answers one question. The common options shorten the demo preset (800 updates) to
+# its first 200, so that the 55 runs fit in about 2 hours of 2 cores (docs/RESULTS.md, "The ablation preset").
 PRESETS = {
     "paper": {
         "seeds": [0, 1, 2, 3, 4],
-        "common": "--max-steps 400 --eval-steps 100",
+        "common": "--max-steps 200 --eval-steps 50",
         "variants": [
             ("default", ""),                                    # format + spatial + semantic; GRPO's loss
             ("warm-start", "--max-steps 0"),                    # no GRPO: the starting model, evaluated
