@@ -95,8 +95,8 @@ class Config:
     gradient_checkpointing: bool = opt(False, "recompute each decoder layer in the policy's backward, the prompt "
                                        "still shared: far less activation memory (at Qwen2.5-VL-3B's size about 1 "
                                        "instead of 9 MB per completion token, an estimate), a policy pass 1.1x to 1.5x "
-                                       "as long (one more forward); sampling and the reference pass unchanged. For long "
-                                       "completions, large G or large images")
+                                       "as long (one more forward); sampling and the reference pass unchanged. For long"
+                                       " completions, large G or large images")
     freeze_vision: bool = opt(False, "train the language model only; the vision tower stays frozen")
     compile_generation: bool = opt(False, "GPU: sample with a static KV cache and a decode step compiled with CUDA "
                                    "graphs (torch.compile); not with --fsdp")
