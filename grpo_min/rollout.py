@@ -278,7 +278,8 @@ def completion_logps(model, prompts: PromptBatch, completion_ids: torch.Tensor, 
         #    path. The last token predicts nothing we score.
         fed_mask = completion_mask[:, :-1].long()  # (B*G, T-1)
         positions = (next_position[:, None] + torch.arange(T - 1, device=fed_mask.device)) * fed_mask  # (B*G, T-1)
-        attention_mask = torch.cat([inputs["attention_mask"].repeat_interleave(G, dim=0), fed_mask], dim=1)  # (B*G, P+T-1)
+        prompt_mask = inputs["attention_mask"].repeat_interleave(G, dim=0)  # (B*G, P)
+        attention_mask = torch.cat([prompt_mask, fed_mask], dim=1)  # (B*G, P+T-1)
         rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, use_cache=False,
                      position_ids=positions.expand(3, -1, -1),
                      **{_cache_argument(inner): recompute.PrefixCache(prompt_cache)}).logits  # (B*G, T-1, V)
