@@ -561,9 +561,9 @@ def run(args) -> int:
         raise SystemExit(f"--dataset {args.dataset!r}: expected one of {', '.join(DATASETS)}")
     try:  # everything that can be checked before a large model loads: the template, the data, the model folder
         template = load_template(args.template)
+        image = read_image(args.image) if args.image else None
         samples = None if args.image else usable_samples(args)
         model_path = resolve_model_path(args.model, args.seed)
-        image = read_image(args.image) if args.image else None
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -755,3 +755,41 @@ def test_dropout_is_off_in_every_pass_so_the_first_update_has_ratio_one(saved_ti
     [(logps, old)] = seen
     assert torch.equal(logps, old)  # (logps - old).exp() == 1: nothing to clip on the first update
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["clip_fraction"] == 0.0
+
+
+# ================================================================================== 8. evaluate.py's inputs
+def test_evaluate_refuses_empty_or_inconsistent_inputs_in_one_line(tmp_path, capsys):
+    """An empty predictions file wrote a table of zeros and exited 0; a ground-truth box given as a list was
+    neither ordered nor checked; --plot-run failed on the cut-off last line a crash leaves; --compare and
+    --image inputs were unguarded."""
+    import evaluate
+
+    out = ["--output-dir", str(tmp_path / "out")]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    cases = [(["--predictions", str(tmp_path / "empty.jsonl")], "no prediction records")]
+    (tmp_path / "flat.jsonl").write_text(json.dumps({"ground_truth": [10, 20, 10, 40], "box": [10, 20, 30, 40]}))
+    cases.append((["--predictions", str(tmp_path / "flat.jsonl")], "ground-truth box [10.0, 20.0, 10.0, 40.0] has zero area"))
+    (tmp_path / "m.json").write_bytes(b'{"n": 3, "miou": "\xff"}')
+    cases.append((["--compare", str(tmp_path / "m.json")], "not a readable JSON file"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cases.append((["--compare", str(tmp_path / "list.json")], "expected an object of numbers"))
+    (tmp_path / "x.png").write_bytes(b"\x89PNG not really")
+    cases.append((["--image", str(tmp_path / "x.png"), "--phrase", "mass"], "not a readable image"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "rew')
+    cases.append((["--plot-run", str(tmp_path / "run")], "no readable metrics line"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(argv + out)
+        assert message in one_line_error(stop), argv
+    assert not (tmp_path / "out").exists()  # nothing written for a refused input
+    # an inverted box is ordered, as the same box in text is; a crash's cut-off last line is skipped and counted
+    inverted = tmp_path / "inverted.jsonl"
+    inverted.write_text(json.dumps({"ground_truth": [30, 40, 10, 20], "box": [10, 20, 30, 40]}) + "\n" +
+                        json.dumps({"ground_truth": "[30, 40, 10, 20]", "box": [10, 20, 30, 40]}) + "\n")
+    rows, _ = evaluate.load_predictions(inverted)
+    assert [r["iou"] for r in rows] == [1.0, 1.0]
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "rew')
+    assert evaluate.main(["--plot-run", str(tmp_path / "run")]) == 0
+    assert "skipped 1 unreadable line(s) (line 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "curves.png").is_file()
