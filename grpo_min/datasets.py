@@ -537,7 +537,8 @@ def _medrpg_pth_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list
         entries = torch.load(file, weights_only=True)
     except Exception as e:  # an UnpicklingError names what was refused
         raise DatasetError(f"medrpg: {file} cannot be read with torch.load(weights_only=True) (only plain lists, "
-                           f"tuples, numbers and strings are accepted; nothing else is unpickled): {brief(e)}") from None
+                           f"tuples, numbers and strings are accepted; nothing else is unpickled): {brief(e)}"
+                           ) from None
     if not isinstance(entries, (list, tuple)):
         raise DatasetError(f"medrpg: {file} holds a {type(entries).__name__}, expected a list of entries "
                            f"(anno_id, image_id, category_id, img_file, (x, y, w, h), width, height, phrase)")
