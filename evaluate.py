@@ -486,7 +486,8 @@ def plot_run(run_dir: str | Path, path: str | Path | None = None) -> Path:
     summary = run_dir / "summary.json"
     if summary.exists():  # the test split before and after GRPO, at step 0 and the last step
         s, last = _read_metrics(summary), max(r["step"] for r in records)
-        if all(isinstance(s.get(k), dict) and _finite(s[k].get(m)) for k in ("before", "after") for m in ("acc@0.5", "miou")):
+        numbers = [(k, m) for k in ("before", "after") for m in ("acc@0.5", "miou")]
+        if all(isinstance(s.get(k), dict) and _finite(s[k].get(m)) for k, m in numbers):
             panels[3][1].update({f"test {name}": [(0, s["before"][key]), (last, s["after"][key])]
                                  for name, key in (("Acc@0.5", "acc@0.5"), ("mIoU", "miou"))})
     canvas = Image.new("RGB", (1440, 640), "white")
@@ -627,7 +628,8 @@ def parse_args(argv=None):
             ("--save-vis", args.save_vis, lambda v: v >= 0, "0 or more"),
             ("--seed", args.seed, lambda v: 0 <= v < 2**32, "0 or more and below 2**32"),
             ("--min-pixels", args.min_pixels, lambda v: v >= 1, "at least 1"),
-            ("--max-pixels", args.max_pixels, lambda v: v >= 56 * 56, "at least 3136 (56 x 56 pixels: one visual token)")):
+            ("--max-pixels", args.max_pixels, lambda v: v >= 56 * 56,
+             "at least 3136 (56 x 56 pixels: one visual token)")):
         if value is not None and not ok(value):
             p.error(f"{option} {value}: expected {expected}")
     for option, files in (("--predictions", [args.predictions]), ("--compare", args.compare or []),
@@ -679,9 +681,9 @@ def run(args) -> int:
         raise SystemExit(f"--dataset {args.dataset!r}: expected one of {', '.join(DATASETS)}")
     try:  # everything that can be checked before a large model loads: the template, the data, the model folder
         template = load_template(args.template)
+        image = read_image(args.image) if args.image else None
         samples = None if args.image else usable_samples(args)
         model_path = resolve_model_path(args.model, args.seed)
-        image = read_image(args.image) if args.image else None
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,9 +24,8 @@ import rewards as R
 from data import DATASETS, load_splits, stream_indices
 from evaluate import evaluate_samples, metrics_of
 from grpo_min import dist
-from grpo_min.checkpoint import (MetricsLog, Preemption, check_output_dir, delete_outputs,
-                                 check_resumable, load_checkpoint, resume_checkpoint, save_checkpoint, save_model,
-                                 show_config_changes)
+from grpo_min.checkpoint import (MetricsLog, Preemption, check_output_dir, check_resumable, delete_outputs,
+                                 load_checkpoint, resume_checkpoint, save_checkpoint, save_model, show_config_changes)
 from grpo_min.cli import banner, parse_options
 from grpo_min.files import InputError, check_output, write_json, write_text
 from grpo_min.lora import adapters_off
@@ -300,16 +299,7 @@ def train(cfg: Config, preemption: Preemption):
     out = Path(cfg.output_dir)
     template = load_template(cfg.template)  # (checked when the options were parsed)
     check_report_to(cfg.report_to)  # its package, named before anything loads
-    # Never write into a folder the run reads (--output-dir M would put config.json over the model's), nor
-    # into one that cannot be written: both refused before anything loads.
-    check_output(out, {"--model": None if cfg.model == "tiny" else cfg.model, "--data-root": cfg.data_root,
-                       "--image-root": cfg.image_root, "--resume": None if cfg.resume == "auto" else cfg.resume,
-                       "--semantic-model": None if cfg.semantic_model in ("auto", "none") else cfg.semantic_model})
-    resume_path, resume_state = resume_checkpoint(cfg.resume, out) if cfg.resume else (None, None)
-    if resume_path is None and cfg.resume == "auto":
-        dist.print0(f"--resume auto: no complete checkpoint in {out}; starting from the beginning")
-    if resume_state is not None:  # a changed set of trained parameters: refused before anything loads
-        check_resumable(resume_state["config"], asdict(cfg), resume_path)
+    resume_path, resume_state = check_folders(cfg, out)  # the output folder, and the checkpoint to resume from
 
     # ------------------------------------------------------------------ data, then models
     # The data first: a mistake there is named in seconds, before any model is built, downloaded or loaded.
@@ -438,6 +428,21 @@ def term_advantages(scores, group_size: int, device) -> torch.Tensor:
     terms = torch.stack([torch.cat([s.terms[k] for s in scores]) for k in names], dim=1)  # (M*B*G, K)
     return group_advantages(dist.all_gather_cat(terms.to(device)), group_size, aggregation="normalize_then_sum",
                             weights=[scores[0].weights[k] for k in names])  # (ranks*M*B*G,)
+
+
+def check_folders(cfg: Config, out: Path) -> tuple[Path | None, dict | None]:
+    """Before anything loads: --output-dir is writable and apart from every input (--output-dir M would write
+    config.json over the model's), and the checkpoint to resume from, validated (its trainer state; one that
+    trained another set of parameters is refused). Returns (checkpoint folder, trainer state), or (None, None)."""
+    check_output(out, {"--model": None if cfg.model == "tiny" else cfg.model, "--data-root": cfg.data_root,
+                       "--image-root": cfg.image_root, "--resume": None if cfg.resume == "auto" else cfg.resume,
+                       "--semantic-model": None if cfg.semantic_model in ("auto", "none") else cfg.semantic_model})
+    resume_path, resume_state = resume_checkpoint(cfg.resume, out) if cfg.resume else (None, None)
+    if resume_path is None and cfg.resume == "auto":
+        dist.print0(f"--resume auto: no complete checkpoint in {out}; starting from the beginning")
+    if resume_state is not None:
+        check_resumable(resume_state["config"], asdict(cfg), resume_path)
+    return resume_path, resume_state
 
 
 def rollout_batches(train_set, step: int, cfg: Config, origin: tuple[int, int] = (0, 0)) -> list[list]:

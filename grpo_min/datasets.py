@@ -206,7 +206,7 @@ def _phrase(value, name: str) -> str:
     grpo_min.datasets._BadRow: malformed entry
     """
     if not isinstance(value, str):  # JSON null or a list would otherwise become the phrase 'None' / "['a']"
-        raise _BadRow("malformed entry", f"{name}={str(value)[:60]!r}, expected a string")
+        raise _BadRow("malformed entry", f"{name}={repr(value)[:60]}, expected a string")
     _utf8(value)
     if not value.strip():
         raise _BadRow("empty phrase", name)
@@ -220,9 +220,9 @@ def _number(value, name: str) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of hundreds of digits
-        raise _BadRow("unparseable number", f"{name}={str(value)[:40]!r}") from None
+        raise _BadRow("unparseable number", f"{name}={repr(value)[:40]}") from None
     if not math.isfinite(v):
-        raise _BadRow("unparseable number", f"{name}={str(value)[:40]!r}")
+        raise _BadRow("unparseable number", f"{name}={repr(value)[:40]}")
     return v
 
 
@@ -537,7 +537,8 @@ def _medrpg_pth_rows(file: Path, roots: list[Path], skipped: SkipReport) -> list
         entries = torch.load(file, weights_only=True)
     except Exception as e:  # an UnpicklingError names what was refused
         raise DatasetError(f"medrpg: {file} cannot be read with torch.load(weights_only=True) (only plain lists, "
-                           f"tuples, numbers and strings are accepted; nothing else is unpickled): {brief(e)}") from None
+                           f"tuples, numbers and strings are accepted; nothing else is unpickled): {brief(e)}"
+                           ) from None
     if not isinstance(entries, (list, tuple)):
         raise DatasetError(f"medrpg: {file} holds a {type(entries).__name__}, expected a list of entries "
                            f"(anno_id, image_id, category_id, img_file, (x, y, w, h), width, height, phrase)")
@@ -695,7 +696,7 @@ def _jsonl_row(rec, where: str, base: Path, default_id: str) -> _Row:
         raise _BadRow("missing columns", "needs image, text, box")
     text = _phrase(rec["text"], "text")
     if not isinstance(rec["image"], str) or not rec["image"].strip():
-        raise _BadRow("malformed entry", f"image={str(rec['image'])[:60]!r}, expected a path")
+        raise _BadRow("malformed entry", f"image={repr(rec['image'])[:60]}, expected a path")
     _utf8(rec["image"], rec.get("category"), rec.get("id"))
     if not isinstance(rec["box"], list) or len(rec["box"]) != 4:
         raise _BadRow("missing columns", "box is not [x1, y1, x2, y2]")

@@ -97,8 +97,9 @@ def check_output(out: str | Path, inputs: dict[str, str | Path | None], option: 
         if path is None:
             continue
         source = Path(path).expanduser().resolve()
-        if source.is_dir() and (resolved == source or (source / "config.json").is_file() and source in resolved.parents):
-            raise InputError(f"{option} {out} is {'inside ' if resolved != source else ''}{name} {path}, which this run "
+        inside_model = (source / "config.json").is_file() and source in resolved.parents
+        if source.is_dir() and (resolved == source or inside_model):
+            raise InputError(f"{option} {out} is {'inside ' if inside_model else ''}{name} {path}, which this run "
                              "reads: its outputs would be written among its inputs; choose another folder")
     existing = next(p for p in (resolved, *resolved.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):

@@ -100,8 +100,9 @@ def _wrap(model, r, lora_alpha, lora_dropout, target_modules, exclude_modules) -
     chosen = [(n, m) for n, m in named if any(n == t or n.endswith("." + t) for t in target_modules)]
     if not chosen:
         linears = [n for n, m in named if isinstance(m, nn.Linear)]
-        raise InputError(f"target_modules {target_modules} match no nn.Linear of the model (excluded: {exclude_modules});"
-                         f" its Linear layers end in {sorted({n.rpartition('.')[2] for n in linears})}, e.g. {linears[0]}")
+        endings = sorted({n.rpartition('.')[2] for n in linears})
+        raise InputError(f"target_modules {target_modules} match no nn.Linear of the model (excluded: "
+                         f"{exclude_modules}); its Linear layers end in {endings}, e.g. {linears[0]}")
     if others := [f"{n} ({type(m).__name__})" for n, m in chosen if type(m) is not nn.Linear]:
         raise InputError(f"target_modules {target_modules} match {others[:3]}: LoRA wraps only nn.Linear layers")
     model.requires_grad_(False)

@@ -35,8 +35,9 @@ def resolve_model_path(model: str, seed: int = 0) -> Path:
         try:
             resolve_model_path(base)
         except InputError as e:
-            raise InputError(f"--model {model!r} is a LoRA adapter for base_model_name_or_path {base!r}, which does not "
-                             f"load here (edit that entry of its adapter_config.json to point at a local folder): {e}")
+            raise InputError(f"--model {model!r} is a LoRA adapter for base_model_name_or_path {base!r}, which does "
+                             f"not load here (edit that entry of its adapter_config.json to point at a local folder): "
+                             f"{e}")
         return path
     if not (path / "config.json").is_file():
         raise InputError(

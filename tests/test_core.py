@@ -445,8 +445,10 @@ def test_options_that_would_train_wrong_or_crash_later_are_refused_at_once(optio
 
 
 def test_a_model_folder_of_another_family_is_refused_before_loading(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    result = subprocess.run([sys.executable, "train.py", "--model", str(tmp_path), "--output-dir", str(tmp_path / "o")],
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    argv = ["train.py", "--model", str(tmp_path / "m"), "--output-dir", str(tmp_path / "o")]
+    result = subprocess.run([sys.executable, *argv],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "model type 'gpt2' is not supported" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()

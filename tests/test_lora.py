@@ -243,6 +243,7 @@ def test_an_adapter_folder_loads_as_a_model_and_starts_a_run(tiny, tiny_model_di
     """load_model (train.py's and evaluate.py's) reads an adapter folder: its base, then the adapter (or merged
     in). A run started from one (--model FOLDER) trains new adapters on that merged model, and their folder,
     whose base is the first adapter's folder, loads back the same way."""
+    from grpo_min.files import InputError
     from grpo_min.models import load_policy, resolve_model_path
     from train import parse_config
 
@@ -270,5 +271,5 @@ def test_an_adapter_folder_loads_as_a_model_and_starts_a_run(tiny, tiny_model_di
 
     config = json.loads((first / "adapter_config.json").read_text())
     (first / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "Qwen/Qwen2.5-VL-3B"}))
-    with pytest.raises(FileNotFoundError, match="a LoRA adapter for base_model_name_or_path 'Qwen/Qwen2.5-VL-3B'"):
+    with pytest.raises(InputError, match="a LoRA adapter for base_model_name_or_path 'Qwen/Qwen2.5-VL-3B'"):
         resolve_model_path(str(first))

@@ -69,7 +69,8 @@ def test_every_entry_point_refuses_an_output_among_its_inputs_before_loading(tmp
         (evaluate.main, ["--output-dir", str(a_file)], "is a file"),  # lost the whole evaluation before
         (data.main, ["--dataset", "jsonl", "--data-root", str(root), "--export", str(root / "x.jsonl")],
          "--data-root"),
-        (data.main, ["--dataset", "jsonl", "--data-root", str(a_file), "--export", str(a_file)], "would be written over"),
+        (data.main, ["--dataset", "jsonl", "--data-root", str(a_file), "--export", str(a_file)],
+         "would be written over"),
     ]
     for command, argv, named in cases:
         with pytest.raises(SystemExit) as stop:
@@ -246,7 +247,8 @@ def test_a_damaged_checkpoint_is_named_and_resume_auto_falls_back(tiny_parts, tm
 BAD_STATES = [  # (trainer_state.json, what the line says)
     ({}, "no 'step'"), ([], "expected a JSON object, got list"), ("step", "expected a JSON object, got str"),
     ({"step": "2"}, "'step' is \"2\""), ({"step": -1}, "'step' is -1"), ({"step": True}, "'step' is true"),
-    ({"step": 2.5}, "'step' is 2.5"), ({"step": 10**9, "config": {}, "before": {"acc@0.5": 1, "miou": 2}}, "but the folder is checkpoint-2"),
+    ({"step": 2.5}, "'step' is 2.5"),
+    ({"step": 10**9, "config": {}, "before": {"acc@0.5": 1, "miou": 2}}, "but the folder is checkpoint-2"),
     ({"step": 2}, "no 'config'"), ({"step": 2, "config": []}, "'config' is []"),
     ({"step": 2, "config": {}}, "no 'before'"), ({"step": 2, "config": {}, "before": {"acc@0.5": 1}}, "'before'"),
     ({"step": 2, "config": {}, "before": {"acc@0.5": 1, "miou": None}}, "'before'"),
@@ -361,7 +363,8 @@ def test_evaluate_and_train_stop_in_one_line_on_a_folder_without_weights(saved_t
     import train
 
     folder = damaged(saved_tiny[0], tmp_path, lambda f: (f / "model.safetensors").unlink())
-    for command, argv in ((evaluate.main, ["--model", str(folder), "--limit", "1", "--output-dir", str(tmp_path / "e")]),
+    for command, argv in ((evaluate.main, ["--model", str(folder), "--limit", "1",
+                                           "--output-dir", str(tmp_path / "e")]),
                           (train.main, ["--model", str(folder), "--semantic-model", "none", "--eval-steps", "0",
                                         "--output-dir", str(tmp_path / "t")])):
         with pytest.raises(SystemExit) as stop:
@@ -755,3 +758,42 @@ def test_dropout_is_off_in_every_pass_so_the_first_update_has_ratio_one(saved_ti
     [(logps, old)] = seen
     assert torch.equal(logps, old)  # (logps - old).exp() == 1: nothing to clip on the first update
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["clip_fraction"] == 0.0
+
+
+# ================================================================================== 8. evaluate.py's inputs
+def test_evaluate_refuses_empty_or_inconsistent_inputs_in_one_line(tmp_path, capsys):
+    """An empty predictions file wrote a table of zeros and exited 0; a ground-truth box given as a list was
+    neither ordered nor checked; --plot-run failed on the cut-off last line a crash leaves; --compare and
+    --image inputs were unguarded."""
+    import evaluate
+
+    out = ["--output-dir", str(tmp_path / "out")]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    cases = [(["--predictions", str(tmp_path / "empty.jsonl")], "no prediction records")]
+    (tmp_path / "flat.jsonl").write_text(json.dumps({"ground_truth": [10, 20, 10, 40], "box": [10, 20, 30, 40]}))
+    cases.append((["--predictions", str(tmp_path / "flat.jsonl")],
+                  "ground-truth box [10.0, 20.0, 10.0, 40.0] has zero area"))
+    (tmp_path / "m.json").write_bytes(b'{"n": 3, "miou": "\xff"}')
+    cases.append((["--compare", str(tmp_path / "m.json")], "not a readable JSON file"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cases.append((["--compare", str(tmp_path / "list.json")], "expected an object of numbers"))
+    (tmp_path / "x.png").write_bytes(b"\x89PNG not really")
+    cases.append((["--image", str(tmp_path / "x.png"), "--phrase", "mass"], "not a readable image"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "rew')
+    cases.append((["--plot-run", str(tmp_path / "run")], "no readable metrics line"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(argv + out)
+        assert message in one_line_error(stop), argv
+    assert not (tmp_path / "out").exists()  # nothing written for a refused input
+    # an inverted box is ordered, as the same box in text is; a crash's cut-off last line is skipped and counted
+    inverted = tmp_path / "inverted.jsonl"
+    inverted.write_text(json.dumps({"ground_truth": [30, 40, 10, 20], "box": [10, 20, 30, 40]}) + "\n" +
+                        json.dumps({"ground_truth": "[30, 40, 10, 20]", "box": [10, 20, 30, 40]}) + "\n")
+    rows, _ = evaluate.load_predictions(inverted)
+    assert [r["iou"] for r in rows] == [1.0, 1.0]
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "rew')
+    assert evaluate.main(["--plot-run", str(tmp_path / "run")]) == 0
+    assert "skipped 1 unreadable line(s) (line 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "curves.png").is_file()
