@@ -141,6 +141,7 @@ def test_wandb_offline_run_holds_every_metrics_line(tiny_model_dir, tmp_path, mo
     pytest.importorskip("wandb", reason="wandb is not installed (requirements-dev.txt installs it)")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "exit", sys.exit)  # wandb.init replaces sys.exit with a hook of its own: put it back after
     lines = train_reporting(tiny_model_dir, tmp_path / "run", "wandb")
     run_id = (tmp_path / "run" / "wandb" / "run_id").read_text().strip()
     [log] = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")

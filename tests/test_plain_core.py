@@ -79,7 +79,9 @@ def assert_same_update(start, beta, mu, loss_type, monkeypatch):
     fast_losses, fast_weights = fast_update(start, beta, mu, loss_type, monkeypatch)
     plain_losses, plain_weights = plain_update(start, beta, mu, loss_type, monkeypatch)
     assert len(fast_losses) == len(plain_losses) == mu
-    assert fast_losses == pytest.approx(plain_losses, rel=1e-6, abs=1e-8), (fast_losses, plain_losses)
+    # 1e-6 relative, plus 1e-7 absolute: a few float32 ulps of a loss near 0.05, which two correct paths round
+    # differently (with 2 threads, the 2nd update's loss differed by 1.2e-6 relative, 6.7e-8 absolute)
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-6, abs=1e-7), (fast_losses, plain_losses)
     moved = 0.0
     for (name, before), fast, plain in zip(start[0].named_parameters(), fast_weights, plain_weights):
         torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
