@@ -86,6 +86,7 @@ def sample(model, processor, prompts, G: int, max_new_tokens: int, temperature: 
         image_grid_thw=rows["image_grid_thw"], attention_mask=rows["attention_mask"])  # (3, N, P)
     next_position = positions.amax(dim=(0, 2)) + 1  # (N,)
     out = model(**rows, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = cache_name(model)  # the KV cache's keyword, in the forward's arguments and in its output
     attention_mask = rows["attention_mask"]  # (N, P), grows by one column per token
     device = attention_mask.device
     never = torch.zeros(out.logits.shape[-1], device=device).index_fill(
@@ -104,7 +105,7 @@ def sample(model, processor, prompts, G: int, max_new_tokens: int, temperature: 
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # (N, P+t+1)
         position = (next_position + t).view(1, -1, 1).expand(3, -1, 1)  # (3, N, 1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position, use_cache=True,
-                    **{cache_name(model): getattr(out, cache_name(model))})
+                    **{cache: getattr(out, cache)})
     model.train(was_training)
     completion_ids = torch.stack(tokens, dim=1)  # (N, T)
     is_eos = torch.isin(completion_ids, eos)  # (N, T)
